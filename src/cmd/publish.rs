@@ -1,0 +1,21 @@
+//! `publish`: puts the JSON text of `data` on the broker; `published` once it is accepted.
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::{unavailable, Session};
+use crate::protocol::{Rejection, Reply};
+
+pub async fn apply<'a>(
+    session: &mut Session,
+    id: Option<&'a RawValue>,
+    channel: &str,
+    data: &RawValue,
+) -> Result<Bytes, Rejection<'a>> {
+    session
+        .node
+        .publish(channel, data.get())
+        .await
+        .map_err(|e| unavailable(id, "publish", &e))?;
+    Ok(Reply::Published { channel, id }.encode())
+}

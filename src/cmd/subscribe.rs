@@ -1,0 +1,31 @@
+//! `subscribe`: idempotent; `subscribed` only once the subscription is live on the broker.
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::{unavailable, Session};
+use crate::protocol::{ErrorCode, Rejection, Reply};
+
+pub async fn apply<'a>(
+    session: &mut Session,
+    id: Option<&'a RawValue>,
+    channel: &str,
+) -> Result<Bytes, Rejection<'a>> {
+    if !session.channels.contains(channel) {
+        let limit = session.node.limits.max_subscriptions;
+        if session.channels.len() >= limit {
+            return Err(Rejection::new(
+                id,
+                ErrorCode::TooManySubscriptions,
+                format!("a connection may subscribe to at most {limit} channels"),
+            ));
+        }
+        session
+            .node
+            .subscribe(&session.outbox, channel)
+            .await
+            .map_err(|e| unavailable(id, "subscribe", &e))?;
+        session.channels.insert(channel.to_owned());
+    }
+    Ok(Reply::Subscribed { channel, id }.encode())
+}

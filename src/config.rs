@@ -1,0 +1,253 @@
+//! Node configuration: every `PUBGATE_*` variable of the contract, each also a CLI flag.
+//!
+//! The struct is plain data so tests can write `Config { listen, ..Config::default() }`; the
+//! binary fills it from the command line and the environment through clap, then calls
+//! [`Config::validate`] so a bad value stops the node at start with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::error::ConfigError;
+
+/// Log output format (`PUBGATE_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Everything a node needs to run. Defaults are the contract's.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address for WebSocket clients, health checks and metrics.
+    #[arg(long, env = "PUBGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (`redis://host:port/`). Unset: embedded single-node in-memory broker.
+    #[arg(long, env = "PUBGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of Redis channel and key names: channel `news` is `pubgate:news` on Redis.
+    #[arg(long, env = "PUBGATE_CHANNEL_PREFIX", default_value = "pubgate:")]
+    pub channel_prefix: String,
+
+    /// This node's id, shown in `welcome` and presence. Default: hostname plus a random suffix.
+    #[arg(long, env = "PUBGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Interval of the server's WebSocket Ping to each client.
+    #[arg(long, env = "PUBGATE_PING_INTERVAL", default_value = "25s", value_parser = duration_of("PUBGATE_PING_INTERVAL"))]
+    pub ping_interval: Duration,
+
+    /// A client silent for ping interval + this is closed. Also the time a closing connection gets
+    /// to flush its last frames before the socket is dropped.
+    #[arg(long, env = "PUBGATE_PONG_TIMEOUT", default_value = "10s", value_parser = duration_of("PUBGATE_PONG_TIMEOUT"))]
+    pub pong_timeout: Duration,
+
+    /// How long a crashed node's presence members may linger.
+    #[arg(long, env = "PUBGATE_PRESENCE_TTL", default_value = "30s", value_parser = duration_of("PUBGATE_PRESENCE_TTL"))]
+    pub presence_ttl: Duration,
+
+    /// Largest incoming WebSocket message in bytes (all fragments together); larger: close 1009.
+    #[arg(long, env = "PUBGATE_MAX_MESSAGE_SIZE", default_value_t = 65536)]
+    pub max_message_size: usize,
+
+    /// Channels one connection may be subscribed to at once.
+    #[arg(long, env = "PUBGATE_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+
+    /// Outgoing messages queued per connection before it counts as a slow consumer.
+    #[arg(long, env = "PUBGATE_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// Upper bound for a graceful shutdown, drain delay included.
+    #[arg(long, env = "PUBGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration_of("PUBGATE_SHUTDOWN_TIMEOUT"))]
+    pub shutdown_timeout: Duration,
+
+    /// After SIGTERM, how long clients keep being served while `/readyz` is 503.
+    #[arg(long, env = "PUBGATE_DRAIN_DELAY", default_value = "0s", value_parser = duration_of("PUBGATE_DRAIN_DELAY"))]
+    pub drain_delay: Duration,
+
+    /// Interval of the pub/sub round-trip probe that detects a silent Redis subscriber.
+    #[arg(long, env = "PUBGATE_BROKER_PROBE_INTERVAL", default_value = "5s", value_parser = duration_of("PUBGATE_BROKER_PROBE_INTERVAL"))]
+    pub broker_probe_interval: Duration,
+
+    /// Upper bound for one Redis call (connect, PUBLISH, SUBSCRIBE, presence).
+    #[arg(long, env = "PUBGATE_REDIS_TIMEOUT", default_value = "2s", value_parser = duration_of("PUBGATE_REDIS_TIMEOUT"))]
+    pub redis_timeout: Duration,
+
+    /// Log format: `text` or `json`. Levels come from `RUST_LOG` (default `info`).
+    #[arg(long, env = "PUBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            redis_url: None,
+            channel_prefix: "pubgate:".into(),
+            node_id: None,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(30),
+            max_message_size: 65536,
+            max_subscriptions: 256,
+            send_queue: 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+            broker_probe_interval: Duration::from_secs(5),
+            redis_timeout: Duration::from_secs(2),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Checks values that parse but cannot work, naming the variable at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("PUBGATE_PING_INTERVAL", self.ping_interval),
+            ("PUBGATE_PONG_TIMEOUT", self.pong_timeout),
+            ("PUBGATE_PRESENCE_TTL", self.presence_ttl),
+            ("PUBGATE_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
+            ("PUBGATE_BROKER_PROBE_INTERVAL", self.broker_probe_interval),
+            ("PUBGATE_REDIS_TIMEOUT", self.redis_timeout),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(name, "must be greater than zero"));
+            }
+        }
+        let counts = [
+            ("PUBGATE_MAX_MESSAGE_SIZE", self.max_message_size),
+            ("PUBGATE_MAX_SUBSCRIPTIONS", self.max_subscriptions),
+            ("PUBGATE_SEND_QUEUE", self.send_queue),
+        ];
+        for (name, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
+        }
+        if self.presence_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "PUBGATE_PRESENCE_TTL",
+                "must be at least 1s (members are refreshed every third of it)",
+            ));
+        }
+        if self.drain_delay >= self.shutdown_timeout {
+            return Err(ConfigError::invalid(
+                "PUBGATE_DRAIN_DELAY",
+                "must be shorter than PUBGATE_SHUTDOWN_TIMEOUT, which it counts inside",
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| ConfigError::invalid("PUBGATE_REDIS_URL", e.to_string()))?;
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 200 || id.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_NODE_ID",
+                    "must be 1 to 200 characters without spaces",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node id: the configured one, or the hostname plus a short random suffix.
+    pub fn resolved_node_id(&self) -> String {
+        match &self.node_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{:06x}", hostname(), rand::random::<u32>() & 0xff_ffff),
+        }
+    }
+}
+
+/// A clap value parser whose error names the environment variable as well as the flag.
+fn duration_of(var: &'static str) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |s| parse_duration(s).map_err(|e| format!("{e}; check {var}"))
+}
+
+/// Parses `250ms`, `25s`, `1m`, `1m30s`; a bare number is read as seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration such as 250ms, 25s or 1m ({e})"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "pubgate".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_the_contract_forms() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("abc").unwrap_err().contains("abc"));
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_variable() {
+        let cfg = Config {
+            send_queue: 0,
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("PUBGATE_SEND_QUEUE"));
+        let cfg = Config {
+            drain_delay: Duration::from_secs(20),
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("PUBGATE_DRAIN_DELAY"));
+        let cfg = Config {
+            redis_url: Some("nonsense://".into()),
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("PUBGATE_REDIS_URL"));
+    }
+
+    #[test]
+    fn generated_node_ids_differ() {
+        let cfg = Config::default();
+        assert_ne!(cfg.resolved_node_id(), cfg.resolved_node_id());
+    }
+}

@@ -1,0 +1,126 @@
+//! One WebSocket connection: a reader and a writer joined by a bounded queue.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe (a dropped read loses partly parsed bytes), so
+//! reading is never a `select!` branch: the reader and the writer are two futures driven side by
+//! side in the connection's task, and the reader is only dropped once the connection is over.
+//! The writer owns every outgoing frame: deliveries and replies from the queue, pongs for client
+//! pings, the server's ping timer, the dead-peer deadline and the final close frame.
+
+mod outbox;
+mod reader;
+mod writer;
+
+pub use outbox::{CloseReason, Outbox, Push};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fastwebsockets::WebSocket;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::BufWriter;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cmd::Session;
+use crate::node::Node;
+use crate::presence::Member;
+use crate::protocol::Reply;
+
+/// The upgraded HTTP connection.
+pub type Io = TokioIo<Upgraded>;
+
+/// Bytes buffered before a write syscall; frames queued together go out in one write.
+const WRITE_BUFFER: usize = 4096;
+/// Client pings waiting for their pong; a client that floods pings waits for room.
+const CONTROL_QUEUE: usize = 8;
+
+/// When the connection last received anything from the client.
+#[derive(Debug)]
+pub struct Liveness {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_seen(&self) -> Instant {
+        self.start + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Serves one upgraded WebSocket until it is closed.
+pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>) {
+    let conn_id = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("conn", conn_id = %conn_id);
+    serve_inner(ws, node, conn_id).instrument(span).await
+}
+
+async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
+    let limits = node.limits.clone();
+    let metrics = node.metrics.clone();
+    let (queue_tx, queue_rx) = mpsc::channel(limits.send_queue);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let member = Member {
+        conn_id,
+        node: node.id.clone(),
+        user: None,
+    };
+    let outbox = Arc::new(Outbox::new(
+        node.next_key(),
+        member,
+        queue_tx,
+        node.drain.connection_token(),
+    ));
+    metrics.connections.inc();
+    metrics.connections_total.inc();
+    tracing::debug!("connected");
+
+    let welcome = Reply::Welcome {
+        conn_id: outbox.conn_id(),
+        node: &node.id,
+        ping_interval_ms: limits.ping_interval.as_millis() as u64,
+    };
+    outbox.try_push(welcome.encode());
+
+    let (read, write) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+    });
+    let liveness = Liveness::new();
+    let peer_closed = CancellationToken::new();
+    let mut session = Session::new(node.clone(), outbox.clone());
+    {
+        let reader = reader::run(read, &mut session, &liveness, &control_tx, &peer_closed);
+        let writer = writer::run(
+            write,
+            queue_rx,
+            control_rx,
+            &outbox,
+            &liveness,
+            &peer_closed,
+            &node,
+        );
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            _ = &mut reader => writer.await,
+            _ = &mut writer => {}
+        }
+    }
+    session.end().await;
+    metrics.connections.dec();
+    tracing::debug!(reason = ?outbox.close_reason(), "disconnected");
+}

@@ -1,0 +1,181 @@
+//! The reading side: frames to messages to commands.
+//!
+//! Auto-close and auto-pong are off so every frame passes through here: fastwebsockets limits a
+//! single frame's size and validates single-frame UTF-8, but leaves fragment reassembly, the
+//! size of a whole fragmented message, UTF-8 across fragments, control-frame sizes, close-frame
+//! validation and the mapping of errors to close codes to the caller.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use fastwebsockets::{CloseCode, OpCode, WebSocketError, WebSocketRead};
+use tokio::io::ReadHalf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{CloseReason, Io, Liveness};
+use crate::cmd::Session;
+
+/// A fragmented message being reassembled.
+struct Partial {
+    opcode: OpCode,
+    data: Vec<u8>,
+}
+
+pub async fn run(
+    mut ws: WebSocketRead<ReadHalf<Io>>,
+    session: &mut Session,
+    liveness: &Liveness,
+    control: &mpsc::Sender<Bytes>,
+    peer_closed: &CancellationToken,
+) {
+    let outbox = session.outbox.clone();
+    let max = session.node.limits.max_message_size;
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    // fastwebsockets rejects a frame whose length is >= its limit; ours is inclusive.
+    ws.set_max_message_size(max.saturating_add(1));
+    let mut partial: Option<Partial> = None;
+    let mut no_obligations = |_| async { Ok::<(), Infallible>(()) };
+    loop {
+        let frame = match ws.read_frame(&mut no_obligations).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                outbox.close(close_for_error(&e));
+                break;
+            }
+        };
+        liveness.touch();
+        if outbox.is_closing() {
+            // Closing: wait for the client's close frame, ignore anything else.
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+            continue;
+        }
+        let fail = match frame.opcode {
+            OpCode::Ping => {
+                if control
+                    .send(Bytes::copy_from_slice(&frame.payload))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                None
+            }
+            OpCode::Pong if frame.payload.len() > 125 => Some(CloseReason::Protocol),
+            OpCode::Pong => None,
+            OpCode::Close => {
+                outbox.close(close_reply(&frame.payload));
+                break;
+            }
+            OpCode::Text | OpCode::Binary if partial.is_some() => Some(CloseReason::Protocol),
+            OpCode::Text | OpCode::Binary if !frame.fin => {
+                partial = Some(Partial {
+                    opcode: frame.opcode,
+                    data: frame.payload.to_vec(),
+                });
+                None
+            }
+            OpCode::Text | OpCode::Binary => {
+                handle_message(session, frame.opcode, &frame.payload).await
+            }
+            OpCode::Continuation => match partial.as_mut() {
+                None => Some(CloseReason::Protocol),
+                Some(p) if p.data.len() + frame.payload.len() > max => Some(CloseReason::TooBig),
+                Some(p) => {
+                    p.data.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let Partial { opcode, data } = partial.take().expect("checked above");
+                        handle_message(session, opcode, &data).await
+                    } else {
+                        None
+                    }
+                }
+            },
+        };
+        if let Some(reason) = fail {
+            outbox.close(reason);
+        }
+    }
+    peer_closed.cancel();
+}
+
+/// Executes one complete message; `Some` when it must close the connection.
+async fn handle_message(session: &mut Session, opcode: OpCode, data: &[u8]) -> Option<CloseReason> {
+    let reply = if opcode == OpCode::Binary {
+        session.binary_rejected()
+    } else {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return Some(CloseReason::InvalidUtf8);
+        };
+        session.execute(text).await
+    };
+    session.outbox.push(reply).await;
+    None
+}
+
+/// The close code a read error calls for.
+fn close_for_error(e: &WebSocketError) -> CloseReason {
+    match e {
+        WebSocketError::FrameTooLarge => CloseReason::TooBig,
+        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::ConnectionClosed
+        | WebSocketError::IoError(_) => CloseReason::Gone,
+        _ => CloseReason::Protocol,
+    }
+}
+
+/// How to answer a client's close frame: echo its code, or fail a malformed one.
+fn close_reply(payload: &[u8]) -> CloseReason {
+    match payload.len() {
+        0 => CloseReason::Echo(Bytes::new()),
+        1 | 126.. => CloseReason::Protocol,
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !CloseCode::from(code).is_allowed() {
+                CloseReason::Protocol
+            } else if std::str::from_utf8(&payload[2..]).is_err() {
+                CloseReason::InvalidUtf8
+            } else {
+                CloseReason::Echo(Bytes::copy_from_slice(&payload[..2]))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        let code = |e: WebSocketError| close_for_error(&e).frame().map(|f| f.0);
+        assert_eq!(code(WebSocketError::FrameTooLarge), Some(1009));
+        assert_eq!(code(WebSocketError::InvalidUTF8), Some(1007));
+        assert_eq!(code(WebSocketError::ReservedBitsNotZero), Some(1002));
+        assert_eq!(code(WebSocketError::InvalidValue), Some(1002));
+        assert_eq!(code(WebSocketError::ControlFrameFragmented), Some(1002));
+        assert_eq!(code(WebSocketError::PingFrameTooLarge), Some(1002));
+        assert_eq!(code(WebSocketError::UnexpectedEOF), None);
+    }
+
+    #[test]
+    fn close_frames_are_validated() {
+        assert_eq!(close_reply(b""), CloseReason::Echo(Bytes::new()));
+        assert_eq!(close_reply(b"\x03"), CloseReason::Protocol);
+        assert_eq!(
+            close_reply(b"\x03\xe8bye"),
+            CloseReason::Echo(Bytes::from_static(b"\x03\xe8"))
+        );
+        assert_eq!(close_reply(b"\x03\xed"), CloseReason::Protocol); // 1005
+        assert_eq!(close_reply(b"\x03\xec"), CloseReason::Protocol); // 1004
+        assert_eq!(
+            close_reply(b"\x0b\xb8"),
+            CloseReason::Echo(Bytes::from_static(b"\x0b\xb8"))
+        ); // 3000
+        assert_eq!(close_reply(b"\x03\xe8\xff"), CloseReason::InvalidUtf8);
+    }
+}

@@ -1,0 +1,44 @@
+//! pubgate: a horizontally scaled WebSocket pub/sub gateway.
+//!
+//! Stateless nodes terminate WebSockets and fan client `subscribe`/`publish` requests out through
+//! a broker (Redis pub/sub, or an embedded in-memory broker for a single node), so any number of
+//! replicas behind a load balancer act as one system. The wire contract is in `docs/protocol.md`.
+//!
+//! # Layout
+//! - [`config`]: every `PUBGATE_*` setting.
+//! - `server`: binds the listener, runs the accept loop and the graceful shutdown.
+//! - `http`: routes `/ws`, `/healthz`, `/readyz`, `/metrics`.
+//! - `conn`: one WebSocket connection: a reader, a writer with a bounded queue, the ping timer.
+//! - `protocol` and `cmd`: client messages, replies, one file per command.
+//! - `hub`: local channel -> subscriber registry and fan-out; calls the broker on the first and
+//!   last local subscriber of a channel.
+//! - [`broker`] and [`presence`]: the two seams, each with a memory and a Redis implementation.
+//! - [`metrics`]: the Prometheus registry of one node.
+
+pub mod broker;
+mod cmd;
+pub mod config;
+mod conn;
+mod error;
+mod http;
+mod hub;
+pub mod metrics;
+mod node;
+pub mod presence;
+mod protocol;
+pub mod redis_commands;
+mod server;
+mod shutdown;
+
+pub use config::{Config, LogFormat};
+pub use error::{BrokerError, ConfigError, Error};
+pub use server::Server;
+
+use std::future::Future;
+
+/// Runs one node until `shutdown` resolves, then drains and closes every client.
+///
+/// The binary passes a SIGTERM/SIGINT future; tests pass a channel they control.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    Server::bind(config).await?.run(shutdown).await
+}

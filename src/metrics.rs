@@ -1,0 +1,222 @@
+//! Prometheus metrics of one node, on a registry of its own.
+//!
+//! A registry per node (not the global default) keeps two nodes in one test process apart. Every
+//! metric and every listed label value is created at start-up so it is exported at zero before it
+//! first moves: dashboards and alerts never see a series appear out of nowhere.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Reasons a message was dropped instead of delivered.
+pub const DROP_REASONS: &[&str] = &["slow_consumer"];
+/// Reasons an upgrade was refused.
+pub const UPGRADE_REJECT_REASONS: &[&str] = &["draining", "bad_request"];
+/// Reasons a client request was refused.
+pub const REQUEST_REJECT_REASONS: &[&str] = &[
+    "bad_request",
+    "unknown_type",
+    "invalid_channel",
+    "not_subscribed",
+    "too_many_subscriptions",
+    "unsupported",
+    "unavailable",
+];
+/// Reasons the server closed a connection by policy.
+pub const DISCONNECT_REASONS: &[&str] = &[
+    "slow_consumer",
+    "pong_timeout",
+    "message_too_big",
+    "protocol_error",
+    "invalid_utf8",
+    "shutdown",
+];
+
+/// Typed handles to every metric of a node. Cheap to share as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_total: IntCounter,
+    /// (connection, channel) subscription pairs on this node.
+    pub subscriptions: IntGauge,
+    /// Channels with at least one local subscriber.
+    pub channels: IntGauge,
+    /// Client publishes the broker accepted.
+    pub messages_published: IntCounter,
+    /// Messages queued to a local subscriber.
+    pub messages_delivered: IntCounter,
+    /// Messages not delivered, by reason.
+    pub messages_dropped: IntCounterVec,
+    /// 1 while the broker is connected and delivering.
+    pub broker_up: IntGauge,
+    /// Broker (re)connections after the first.
+    pub broker_reconnects: IntCounter,
+    /// Time from a client publish to the broker's acceptance.
+    pub publish_duration: Histogram,
+    /// Time to answer a presence query.
+    pub presence_duration: Histogram,
+    /// Upgrades refused, by reason.
+    pub upgrades_rejected: IntCounterVec,
+    /// Client requests answered with an error, by reason (the error code).
+    pub requests_rejected: IntCounterVec,
+    /// Connections closed by the server's policy, by reason.
+    pub disconnects: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates every metric on a fresh registry, with the process collector where supported.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0, 2.5,
+        ];
+        let metrics = Metrics {
+            connections: IntGauge::new("pubgate_connections", "Open WebSocket connections")?,
+            connections_total: IntCounter::new(
+                "pubgate_connections_total",
+                "WebSocket connections accepted since start",
+            )?,
+            subscriptions: IntGauge::new(
+                "pubgate_subscriptions",
+                "Subscriptions ((connection, channel) pairs) on this node",
+            )?,
+            channels: IntGauge::new(
+                "pubgate_channels",
+                "Channels with at least one subscriber on this node",
+            )?,
+            messages_published: IntCounter::new(
+                "pubgate_messages_published_total",
+                "Client publishes accepted by the broker",
+            )?,
+            messages_delivered: IntCounter::new(
+                "pubgate_messages_delivered_total",
+                "Messages queued to a local subscriber",
+            )?,
+            messages_dropped: IntCounterVec::new(
+                Opts::new("pubgate_messages_dropped_total", "Messages not delivered"),
+                &["reason"],
+            )?,
+            broker_up: IntGauge::new("pubgate_broker_up", "1 while the broker is delivering")?,
+            broker_reconnects: IntCounter::new(
+                "pubgate_broker_reconnects_total",
+                "Broker reconnections after the first connection",
+            )?,
+            publish_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pubgate_publish_duration_seconds",
+                    "Time from a client publish to its acceptance by the broker",
+                )
+                .buckets(latency_buckets.clone()),
+            )?,
+            presence_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pubgate_presence_query_duration_seconds",
+                    "Time to answer a presence query",
+                )
+                .buckets(latency_buckets),
+            )?,
+            upgrades_rejected: IntCounterVec::new(
+                Opts::new("pubgate_upgrades_rejected_total", "Upgrades refused"),
+                &["reason"],
+            )?,
+            requests_rejected: IntCounterVec::new(
+                Opts::new(
+                    "pubgate_requests_rejected_total",
+                    "Client requests answered with an error",
+                ),
+                &["reason"],
+            )?,
+            disconnects: IntCounterVec::new(
+                Opts::new(
+                    "pubgate_disconnects_total",
+                    "Connections closed by the server's policy",
+                ),
+                &["reason"],
+            )?,
+            registry,
+        };
+        metrics.register_all()?;
+        Ok(metrics)
+    }
+
+    fn register_all(&self) -> Result<(), prometheus::Error> {
+        let r = &self.registry;
+        r.register(Box::new(self.connections.clone()))?;
+        r.register(Box::new(self.connections_total.clone()))?;
+        r.register(Box::new(self.subscriptions.clone()))?;
+        r.register(Box::new(self.channels.clone()))?;
+        r.register(Box::new(self.messages_published.clone()))?;
+        r.register(Box::new(self.messages_delivered.clone()))?;
+        r.register(Box::new(self.messages_dropped.clone()))?;
+        r.register(Box::new(self.broker_up.clone()))?;
+        r.register(Box::new(self.broker_reconnects.clone()))?;
+        r.register(Box::new(self.publish_duration.clone()))?;
+        r.register(Box::new(self.presence_duration.clone()))?;
+        r.register(Box::new(self.upgrades_rejected.clone()))?;
+        r.register(Box::new(self.requests_rejected.clone()))?;
+        r.register(Box::new(self.disconnects.clone()))?;
+        let labelled = [
+            (&self.messages_dropped, DROP_REASONS),
+            (&self.upgrades_rejected, UPGRADE_REJECT_REASONS),
+            (&self.requests_rejected, REQUEST_REJECT_REASONS),
+            (&self.disconnects, DISCONNECT_REASONS),
+        ];
+        for (vec, reasons) in labelled {
+            for reason in reasons {
+                vec.with_label_values(&[reason]);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric data, which the typed handles exclude.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_metric_is_exported_from_start() {
+        let text = Metrics::new().unwrap().render();
+        for name in [
+            "pubgate_connections ",
+            "pubgate_connections_total ",
+            "pubgate_subscriptions ",
+            "pubgate_channels ",
+            "pubgate_messages_published_total ",
+            "pubgate_messages_delivered_total ",
+            "pubgate_messages_dropped_total{reason=\"slow_consumer\"} ",
+            "pubgate_broker_up ",
+            "pubgate_broker_reconnects_total ",
+            "pubgate_publish_duration_seconds_bucket",
+            "pubgate_disconnects_total{reason=\"pong_timeout\"} ",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_nodes_in_one_process_do_not_clash() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.connections.inc();
+        assert!(a.render().contains("pubgate_connections 1"));
+        assert!(b.render().contains("pubgate_connections 0"));
+    }
+}

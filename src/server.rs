@@ -1,0 +1,171 @@
+//! The listener, the accept loop and the graceful shutdown of one node.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::http;
+use crate::node::Node;
+
+/// Time a client gets to send its request headers (slowloris bound).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a plain HTTP connection gets to finish its request once the node stops.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A bound, not yet running node.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    node: Arc<Node>,
+    config: Config,
+}
+
+impl Server {
+    /// Validates the configuration, binds the listen address and builds the node.
+    ///
+    /// With `listen` on port 0 the OS picks a free port: read it with [`Server::local_addr`].
+    pub async fn bind(config: Config) -> Result<Server, Error> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let node = Node::start(&config, config.resolved_node_id())?;
+        Ok(Server {
+            listener,
+            local_addr,
+            node,
+            config,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `/readyz` 503 and upgrades refused at once,
+    /// clients served for the drain delay, then closed with 1001; returns within the shutdown
+    /// timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let Server {
+            listener,
+            local_addr,
+            node,
+            config,
+        } = self;
+        tracing::info!(
+            addr = %local_addr,
+            node = %node.id,
+            broker = if config.redis_url.is_some() { "redis" } else { "memory" },
+            "listening on {local_addr}"
+        );
+        let sessions = TaskTracker::new();
+        let http_stop = CancellationToken::new();
+        let accept = accept_loop(listener, node.clone(), sessions.clone(), http_stop.clone());
+        tokio::pin!(accept);
+
+        tokio::select! {
+            _ = shutdown => {}
+            _ = &mut accept => {}
+        }
+        let deadline = Instant::now() + config.shutdown_timeout;
+        node.drain.start_draining();
+        tracing::info!(
+            drain_delay_ms = config.drain_delay.as_millis() as u64,
+            connections = node.metrics.connections.get(),
+            "draining: readiness off, new upgrades refused"
+        );
+        // Health checks and metrics keep being answered while the load balancer notices.
+        tokio::select! {
+            _ = tokio::time::sleep(config.drain_delay) => {}
+            _ = &mut accept => {}
+        }
+        node.drain.close_clients();
+        http_stop.cancel();
+        sessions.close();
+        if tokio::time::timeout_at(deadline, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = sessions.len(),
+                "shutdown timeout reached with connections still open; dropping them"
+            );
+        }
+        let _ = tokio::time::timeout_at(deadline, node.shutdown()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Accepts connections forever, serving each with hyper on its own task.
+async fn accept_loop(
+    listener: TcpListener,
+    node: Arc<Node>,
+    sessions: TaskTracker,
+    http_stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(5);
+                stream
+            }
+            Err(e) => {
+                // Typically out of file descriptors: wait for some to be released.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let sessions = sessions.clone();
+        let http_stop = http_stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| http::handle(req, node.clone(), sessions.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "http connection error");
+                    }
+                }
+                _ = http_stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+                }
+            }
+        });
+    }
+}
