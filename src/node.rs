@@ -205,12 +205,13 @@ impl Node {
     }
 }
 
-/// Keeps this node's presence members alive in Redis, one batch per tick. After a failed tick
-/// (Redis down, or restarted and empty) the next successful one re-adds every member instead.
+/// Keeps this node's presence members alive in Redis, one batch per refresh period. When the
+/// broker comes back after being down (Redis may have restarted empty), or after a failed batch,
+/// the next batch re-adds every member instead, without waiting for the period.
 async fn refresh_presence(node: std::sync::Weak<Node>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(every.min(Duration::from_millis(500)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut last = Instant::now();
     let mut restore = false;
     let mut was_up = true;
     loop {
@@ -219,6 +220,10 @@ async fn refresh_presence(node: std::sync::Weak<Node>, every: Duration) {
         let up = node.broker.is_up();
         restore |= up && !was_up;
         was_up = up;
+        if !up || !(restore || last.elapsed() >= every) {
+            continue;
+        }
+        last = Instant::now();
         let members = node.hub.members();
         let result = if restore {
             node.presence.restore(&members).await

@@ -251,14 +251,21 @@ async fn serve_connection(shared: &Arc<Shared>, was_up: &mut bool, failures: &mu
                 outstanding = Some(seq);
                 let shared = shared.clone();
                 // Published from its own task so the message stream keeps being drained meanwhile.
+                // A failure on a command connection left over from before a Redis restart is
+                // retried once on a fresh one, so it does not cost a whole reconnect cycle.
                 tokio::spawn(async move {
-                    let channel = shared.probe_channel.clone();
-                    let _ = shared
-                        .commands
-                        .run(|mut c| async move {
-                            redis::cmd("PUBLISH").arg(channel).arg(seq).query_async::<i64>(&mut c).await
-                        })
-                        .await;
+                    for _ in 0..2 {
+                        let channel = shared.probe_channel.clone();
+                        let sent = shared
+                            .commands
+                            .run(|mut c| async move {
+                                redis::cmd("PUBLISH").arg(channel).arg(seq).query_async::<i64>(&mut c).await
+                            })
+                            .await;
+                        if sent.is_ok() {
+                            break;
+                        }
+                    }
                 });
             }
             _ = shared.stop.cancelled() => return Lost::Stopped,
