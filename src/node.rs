@@ -151,7 +151,7 @@ impl Node {
         self.leave(outbox, channel).await;
     }
 
-    /// Removes a closed connection from every channel it had.
+    /// Removes a closed connection from every channel it had (or was joining or leaving).
     pub async fn disconnect(&self, outbox: &Outbox, channels: &[String]) {
         if channels.is_empty() {
             return;

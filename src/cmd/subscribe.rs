@@ -20,12 +20,13 @@ pub async fn apply<'a>(
                 format!("a connection may subscribe to at most {limit} channels"),
             ));
         }
-        session
-            .node
-            .subscribe(&session.outbox, channel)
-            .await
-            .map_err(|e| unavailable(id, "subscribe", &e))?;
+        // Recorded first: if the connection ends while this is in flight, the session's cleanup
+        // still undoes whatever part of the subscription was made.
         session.channels.insert(channel.to_owned());
+        if let Err(e) = session.node.subscribe(&session.outbox, channel).await {
+            session.channels.remove(channel);
+            return Err(unavailable(id, "subscribe", &e));
+        }
     }
     Ok(Reply::Subscribed { channel, id }.encode())
 }

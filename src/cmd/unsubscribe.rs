@@ -11,7 +11,7 @@ pub async fn apply<'a>(
     id: Option<&'a RawValue>,
     channel: &str,
 ) -> Result<Bytes, Rejection<'a>> {
-    if !session.channels.remove(channel) {
+    if !session.channels.contains(channel) {
         return Err(Rejection::new(
             id,
             ErrorCode::NotSubscribed,
@@ -19,5 +19,7 @@ pub async fn apply<'a>(
         ));
     }
     session.node.unsubscribe(&session.outbox, channel).await;
+    // Forgotten last: if the connection ends meanwhile, the session's cleanup finishes the job.
+    session.channels.remove(channel);
     Ok(Reply::Unsubscribed { channel, id }.encode())
 }
