@@ -117,16 +117,18 @@ impl Drop for TestNode {
 
 /// Finds one sample in Prometheus text output.
 pub fn metric_value(body: &str, sample: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == sample).then(|| value.parse().ok())?
-        })
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok())?
+    })
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")).await
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 /// Sends a raw HTTP request and reads the response until the server closes.
@@ -144,7 +146,10 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -199,7 +204,9 @@ impl Client {
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match next {
                 Some(Ok(Message::Text(t))) => {
                     return Some(serde_json::from_str(&t).expect("server sends JSON"))
@@ -220,14 +227,20 @@ impl Client {
         let reply = self
             .request(json!({"type":"subscribe","channel":channel,"id":"s"}))
             .await;
-        assert_eq!(reply, json!({"type":"subscribed","channel":channel,"id":"s"}));
+        assert_eq!(
+            reply,
+            json!({"type":"subscribed","channel":channel,"id":"s"})
+        );
     }
 
     pub async fn publish(&mut self, channel: &str, data: Value) {
         let reply = self
             .request(json!({"type":"publish","channel":channel,"data":data,"id":"p"}))
             .await;
-        assert_eq!(reply, json!({"type":"published","channel":channel,"id":"p"}));
+        assert_eq!(
+            reply,
+            json!({"type":"published","channel":channel,"id":"p"})
+        );
     }
 
     /// Reads until the server closes; returns the close frame (None for a close without one,
