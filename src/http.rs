@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, UPGRADE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, SEC_WEBSOCKET_VERSION, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
@@ -81,10 +81,15 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
         }
         Err(e) => {
             reject(&node, "bad_request");
-            text(
+            let mut response = text(
                 StatusCode::BAD_REQUEST,
                 format!("bad websocket upgrade: {e}\n"),
-            )
+            );
+            // RFC 6455 4.2.2: a refused handshake names the versions the server speaks.
+            response
+                .headers_mut()
+                .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            response
         }
     }
 }
