@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,6 +20,8 @@ use crate::node::Node;
 
 /// Time a client gets to send its request headers (slowloris bound).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the kernel may queue before `accept`.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Time a plain HTTP connection gets to finish its request once the node stops.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -37,16 +39,12 @@ impl Server {
     /// With `listen` on port 0 the OS picks a free port: read it with [`Server::local_addr`].
     pub async fn bind(config: Config) -> Result<Server, Error> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+        let bind_error = |source| Error::Bind {
             addr: config.listen,
             source,
-        })?;
+        };
+        let listener = listen(config.listen).map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
         let node = Node::start(&config, config.resolved_node_id())?;
         Ok(Server {
             listener,
@@ -119,6 +117,20 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Binds with a deep accept queue: `TcpListener::bind` listens with a backlog of 128, which a
+/// burst of reconnects (a node restart behind a load balancer) overflows into 1 s SYN
+/// retransmissions. The kernel caps the value at `net.core.somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts connections forever, serving each with hyper on its own task.
