@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::conn::frame;
 use crate::presence::Member;
 
 /// Longest channel name in bytes.
@@ -203,26 +204,33 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Encodes the delivery of a broker message to local subscribers, once per node.
+/// Encodes the delivery of a broker message to local subscribers as one complete WebSocket frame,
+/// once per node: every subscriber gets a clone of the same bytes.
 ///
 /// A payload that is valid JSON is embedded as is; anything else (what a backend may `PUBLISH`)
 /// arrives as a JSON string. `channel` is a validated name, so it needs no escaping.
 pub fn encode_delivery(channel: &str, payload: &[u8]) -> Bytes {
-    const HEAD: &[u8] = br#"{"type":"message","channel":""#;
-    const MID: &[u8] = br#"","data":"#;
-    let mut out = Vec::with_capacity(HEAD.len() + channel.len() + MID.len() + payload.len() + 8);
-    out.extend_from_slice(HEAD);
+    frame::text(DELIVERY_OVERHEAD + channel.len() + payload.len(), |out| {
+        write_delivery(out, channel, payload)
+    })
+}
+
+const DELIVERY_HEAD: &[u8] = br#"{"type":"message","channel":""#;
+const DELIVERY_MID: &[u8] = br#"","data":"#;
+const DELIVERY_OVERHEAD: usize = DELIVERY_HEAD.len() + DELIVERY_MID.len() + 3;
+
+fn write_delivery(out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
+    out.extend_from_slice(DELIVERY_HEAD);
     out.extend_from_slice(channel.as_bytes());
-    out.extend_from_slice(MID);
+    out.extend_from_slice(DELIVERY_MID);
     if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
         out.extend_from_slice(payload);
     } else {
         let text = String::from_utf8_lossy(payload);
         // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, text.as_ref());
+        let _ = serde_json::to_writer(&mut *out, text.as_ref());
     }
     out.push(b'}');
-    Bytes::from(out)
 }
 
 /// Server-to-client messages other than deliveries.
@@ -269,10 +277,12 @@ pub enum Reply<'a> {
 }
 
 impl Reply<'_> {
-    /// The JSON text of the reply.
+    /// The reply as one complete WebSocket text frame.
     pub fn encode(&self) -> Bytes {
         // Serialising these plain structs into a Vec cannot fail.
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        frame::text(128, |out| {
+            let _ = serde_json::to_writer(out, self);
+        })
     }
 }
 
@@ -290,6 +300,12 @@ impl<'a> From<&'a Rejection<'a>> for Reply<'a> {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    /// The JSON text of a frame made by `frame::text` (short frames only).
+    fn json(frame: &[u8]) -> Value {
+        let offset = if frame[1] == 126 { 4 } else { 2 };
+        serde_json::from_slice(&frame[offset..]).unwrap()
+    }
 
     fn reject(text: &str) -> (ErrorCode, Option<String>) {
         let r = parse_request(text).unwrap_err();
@@ -387,16 +403,15 @@ mod tests {
 
     #[test]
     fn deliveries_embed_json_and_quote_the_rest() {
-        let v: Value = serde_json::from_slice(&encode_delivery("n", br#"{"x":1}"#)).unwrap();
+        let v: Value = json(&encode_delivery("n", br#"{"x":1}"#));
         assert_eq!(v, json!({"type":"message","channel":"n","data":{"x":1}}));
-        let v: Value = serde_json::from_slice(&encode_delivery("n", b"hello")).unwrap();
+        let v: Value = json(&encode_delivery("n", b"hello"));
         assert_eq!(v["data"], "hello");
-        let v: Value =
-            serde_json::from_slice(&encode_delivery("n", b"{\"a\":1} trailing")).unwrap();
+        let v: Value = json(&encode_delivery("n", b"{\"a\":1} trailing"));
         assert_eq!(v["data"], "{\"a\":1} trailing");
-        let v: Value = serde_json::from_slice(&encode_delivery("n", b"\xff\"q")).unwrap();
+        let v: Value = json(&encode_delivery("n", b"\xff\"q"));
         assert_eq!(v["data"], "\u{fffd}\"q");
-        let v: Value = serde_json::from_slice(&encode_delivery("n", b"")).unwrap();
+        let v: Value = json(&encode_delivery("n", b""));
         assert_eq!(v["data"], "");
     }
 
@@ -406,9 +421,11 @@ mod tests {
             channel: "n",
             id: None,
         };
-        assert_eq!(&r.encode()[..], br#"{"type":"subscribed","channel":"n"}"#);
+        let frame = r.encode();
+        assert_eq!(&frame[2..], br#"{"type":"subscribed","channel":"n"}"#);
+        assert_eq!(usize::from(frame[1]), frame.len() - 2);
         let rej = Rejection::new(None, ErrorCode::BadRequest, "x");
-        let v: Value = serde_json::from_slice(&Reply::from(&rej).encode()).unwrap();
+        let v = json(&Reply::from(&rej).encode());
         assert_eq!(
             v,
             json!({"type":"error","code":"bad_request","message":"x"})

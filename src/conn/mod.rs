@@ -3,9 +3,11 @@
 //! fastwebsockets' `read_frame` is not cancel-safe (a dropped read loses partly parsed bytes), so
 //! reading is never a `select!` branch: the reader and the writer are two futures driven side by
 //! side in the connection's task, and the reader is only dropped once the connection is over.
-//! The writer owns every outgoing frame: deliveries and replies from the queue, pongs for client
-//! pings, the server's ping timer, the dead-peer deadline and the final close frame.
+//! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
+//! server's ping timer, the dead-peer deadline and the final close frame. fastwebsockets parses
+//! the client's frames; the server's frames are encoded by [`frame`], once per message.
 
+pub(crate) mod frame;
 mod outbox;
 mod reader;
 mod writer;
@@ -15,11 +17,9 @@ pub use outbox::{CloseReason, Outbox, Push};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fastwebsockets::WebSocket;
+use fastwebsockets::{Role, WebSocket};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::BufWriter;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -31,11 +31,6 @@ use crate::protocol::Reply;
 
 /// The upgraded HTTP connection.
 pub type Io = TokioIo<Upgraded>;
-
-/// Bytes buffered before a write syscall; frames queued together go out in one write.
-const WRITE_BUFFER: usize = 4096;
-/// Client pings waiting for their pong; a client that floods pings waits for room.
-const CONTROL_QUEUE: usize = 8;
 
 /// When the connection last received anything from the client.
 #[derive(Debug)]
@@ -72,8 +67,6 @@ pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>) {
 async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
     let limits = node.limits.clone();
     let metrics = node.metrics.clone();
-    let (queue_tx, queue_rx) = mpsc::channel(limits.send_queue);
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let member = Member {
         conn_id,
         node: node.id.clone(),
@@ -82,7 +75,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
     let outbox = Arc::new(Outbox::new(
         node.next_key(),
         member,
-        queue_tx,
+        limits.send_queue,
         node.drain.connection_token(),
     ));
     metrics.connections.inc();
@@ -96,24 +89,17 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
     };
     outbox.try_push(welcome.encode());
 
-    let (read, write) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, BufWriter::with_capacity(WRITE_BUFFER, w))
-    });
+    // fastwebsockets reads; the writer writes the raw half (its frames are pre-encoded), so the
+    // library's own write half is never used.
+    let (read_half, write_half) = tokio::io::split(ws.into_inner());
+    let (read, _) =
+        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut session = Session::new(node.clone(), outbox.clone());
     {
-        let reader = reader::run(read, &mut session, &liveness, &control_tx, &peer_closed);
-        let writer = writer::run(
-            write,
-            queue_rx,
-            control_rx,
-            &outbox,
-            &liveness,
-            &peer_closed,
-            &node,
-        );
+        let reader = reader::run(read, &mut session, &liveness, &peer_closed);
+        let writer = writer::run(write_half, &outbox, &liveness, &peer_closed, &node);
         tokio::pin!(reader, writer);
         tokio::select! {
             _ = &mut reader => writer.await,

@@ -1,14 +1,22 @@
-//! The sending side of one connection as the rest of the node sees it.
+//! The sending side of one connection as the rest of the node sees it: a bounded queue of
+//! complete frames and the connection's close switch.
 //!
 //! Deliveries are pushed with [`Outbox::try_push`] and never wait: a full queue means the client
 //! is not keeping up, so the connection is closed as a slow consumer and fan-out to everyone else
-//! goes on. Replies to the client's own requests use [`Outbox::push`], which waits for room: a
-//! client that sends requests without reading replies only slows itself down.
+//! goes on. Replies and pongs use [`Outbox::push`], which waits for room: a client that sends
+//! requests without reading replies only slows itself down.
+//!
+//! The queue is a `VecDeque` behind a mutex held only to push or to swap the whole queue out, and
+//! the writer is woken only when the queue goes from empty to non-empty, so a subscriber that is
+//! keeping up costs fan-out one uncontended lock and usually no wake-up. An idle connection's
+//! queue allocates nothing.
 
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::presence::Member;
@@ -79,7 +87,17 @@ pub struct Outbox {
     pub key: u64,
     /// Who this connection is in presence.
     pub member: Member,
-    queue: mpsc::Sender<Bytes>,
+    /// Complete frames waiting for the writer.
+    queue: Mutex<VecDeque<Bytes>>,
+    /// Most frames queued before the connection counts as a slow consumer.
+    capacity: usize,
+    /// Wakes the writer when the queue goes from empty to non-empty.
+    ready: Notify,
+    /// Wakes a reply waiting for room once the writer has taken the queue.
+    room: Notify,
+    /// Set by [`Outbox::close`]: the cheap check on the fan-out path (reading the token's state
+    /// takes its mutex).
+    closed: AtomicBool,
     /// Cancelled when the connection starts closing; a child of the node's shutdown token, so a
     /// shutdown closes every connection without a registry of them.
     closing: CancellationToken,
@@ -88,16 +106,15 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(
-        key: u64,
-        member: Member,
-        queue: mpsc::Sender<Bytes>,
-        closing: CancellationToken,
-    ) -> Self {
+    pub fn new(key: u64, member: Member, capacity: usize, closing: CancellationToken) -> Self {
         Outbox {
             key,
             member,
-            queue,
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            ready: Notify::new(),
+            room: Notify::new(),
+            closed: AtomicBool::new(false),
             closing,
             reason: OnceLock::new(),
         }
@@ -107,37 +124,80 @@ impl Outbox {
         &self.member.conn_id
     }
 
-    /// Queues a delivery without waiting; closes the connection when its queue is full.
-    pub fn try_push(&self, msg: Bytes) -> Push {
-        if self.closing.is_cancelled() {
+    /// Queues a frame without waiting; closes the connection when its queue is full.
+    pub fn try_push(&self, frame: Bytes) -> Push {
+        if self.closed.load(Ordering::Relaxed) {
             return Push::Closed;
         }
-        match self.queue.try_send(msg) {
-            Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason::SlowConsumer);
-                Push::Full
+        let mut queue = self.lock();
+        if queue.len() >= self.capacity {
+            drop(queue);
+            self.close(CloseReason::SlowConsumer);
+            return Push::Full;
+        }
+        queue.push_back(frame);
+        let first = queue.len() == 1;
+        drop(queue);
+        if first {
+            self.ready.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Queues a frame, waiting for room; returns false if the connection is closing.
+    pub async fn push(&self, frame: Bytes) -> bool {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so room made after it is not missed.
+            room.as_mut().enable();
+            if self.is_closing() {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+            {
+                let mut queue = self.lock();
+                if queue.len() < self.capacity {
+                    queue.push_back(frame);
+                    let first = queue.len() == 1;
+                    drop(queue);
+                    if first {
+                        self.ready.notify_one();
+                    }
+                    return true;
+                }
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = self.closing.cancelled() => return false,
+            }
         }
     }
 
-    /// Queues a reply, waiting for room; returns false if the connection is closing.
-    pub async fn push(&self, msg: Bytes) -> bool {
-        tokio::select! {
-            sent = self.queue.send(msg) => sent.is_ok(),
-            _ = self.closing.cancelled() => false,
+    /// Resolves when frames may be waiting (spurious wake-ups are possible).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Moves every queued frame into `into` (which must be empty), keeping both allocations.
+    pub fn take(&self, into: &mut VecDeque<Bytes>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut *self.lock(), into);
+        if !into.is_empty() {
+            self.room.notify_one();
         }
     }
 
     /// Starts closing the connection; the first reason wins.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
+        self.closed.store(true, Ordering::Relaxed);
         self.closing.cancel();
     }
 
+    /// Whether the connection is closing. A node shutdown cancels the token first; the writer
+    /// then records it here with [`Outbox::close`] as soon as it wakes.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// Resolves once the connection starts closing.
@@ -148,5 +208,10 @@ impl Outbox {
     /// Why the connection is closing (a shutdown unless a reason was given).
     pub fn close_reason(&self) -> CloseReason {
         self.reason.get().cloned().unwrap_or(CloseReason::Shutdown)
+    }
+
+    // A poisoned lock means a panic while pushing or swapping; the deque is still whole.
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

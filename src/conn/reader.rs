@@ -8,12 +8,11 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use fastwebsockets::{CloseCode, OpCode, WebSocketError, WebSocketRead};
+use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::ReadHalf;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{CloseReason, Io, Liveness};
+use super::{frame, CloseReason, Io, Liveness};
 use crate::cmd::Session;
 
 /// A fragmented message being reassembled.
@@ -26,7 +25,6 @@ pub async fn run(
     mut ws: WebSocketRead<ReadHalf<Io>>,
     session: &mut Session,
     liveness: &Liveness,
-    control: &mpsc::Sender<Bytes>,
     peer_closed: &CancellationToken,
 ) {
     let outbox = session.outbox.clone();
@@ -38,7 +36,7 @@ pub async fn run(
     let mut partial: Option<Partial> = None;
     let mut no_obligations = |_| async { Ok::<(), Infallible>(()) };
     loop {
-        let frame = match ws.read_frame(&mut no_obligations).await {
+        let mut frame = match ws.read_frame(&mut no_obligations).await {
             Ok(frame) => frame,
             Err(e) => {
                 outbox.close(close_for_error(&e));
@@ -46,6 +44,11 @@ pub async fn run(
             }
         };
         liveness.touch();
+        if !is_masked(&mut frame) {
+            // RFC 6455 5.1: a server must close on an unmasked client frame.
+            outbox.close(CloseReason::Protocol);
+            break;
+        }
         if outbox.is_closing() {
             // Closing: wait for the client's close frame, ignore anything else.
             if frame.opcode == OpCode::Close {
@@ -54,12 +57,10 @@ pub async fn run(
             continue;
         }
         let fail = match frame.opcode {
+            // The library has already refused a Ping over 125 bytes. A client that floods pings
+            // without reading waits here for room in its queue.
             OpCode::Ping => {
-                if control
-                    .send(Bytes::copy_from_slice(&frame.payload))
-                    .await
-                    .is_err()
-                {
+                if !outbox.push(frame::pong(&frame.payload)).await {
                     break;
                 }
                 None
@@ -114,6 +115,15 @@ async fn handle_message(session: &mut Session, opcode: OpCode, data: &[u8]) -> O
     };
     session.outbox.push(reply).await;
     None
+}
+
+/// Whether the client masked the frame. fastwebsockets accepts unmasked client frames and keeps
+/// the mask private, but the header it formats for a frame sets the mask bit exactly when the
+/// frame had a mask.
+fn is_masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 14];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
 }
 
 /// The close code a read error calls for.

@@ -1,45 +1,48 @@
-//! The writing side: the only place that writes frames to the socket.
+//! The writing side: the only place that writes to the socket.
 //!
-//! Frames queued together are written into one buffer and flushed once. Until the connection
-//! starts closing, a write may wait on a client that reads slowly (its queue then fills and it
-//! is closed as a slow consumer); from then on every write is bounded by the pong timeout, after
-//! which the socket is dropped without further ceremony.
+//! The queue holds complete frames (see [`super::frame`]), so the writer takes everything queued
+//! at once and hands it to vectored writes straight from the shared `Bytes`: no copy, and as many
+//! frames per syscall as have piled up. Until the connection starts closing a write may wait on a
+//! client that reads slowly (its queue then fills and it is closed as a slow consumer); from then
+//! on every write is bounded by the pong timeout, after which the socket is dropped.
 
-use std::future::Future;
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::{pin, Pin};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
-use tokio::io::{BufWriter, WriteHalf};
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::frame::{self, PING_FRAME};
 use super::{CloseReason, Io, Liveness, Outbox};
 use crate::node::Node;
 
-/// Messages written before one flush, so a busy connection still flushes regularly.
-const MAX_BATCH: usize = 64;
+/// Frames handed to one vectored write (Linux takes up to 1024 iovecs).
+const MAX_IOV: usize = 256;
 /// How long the writer waits for the client's close frame after sending its own.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// A drained batch queue keeps at most this many slots, so a past burst does not pin memory.
+const KEEP_SLOTS: usize = 64;
 
-type Sink = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+type Sink = WriteHalf<Io>;
 
 /// The socket failed or a closing write ran out of time: drop the connection.
 struct Abort;
 
 pub async fn run(
-    mut ws: Sink,
-    mut queue: mpsc::Receiver<Bytes>,
-    mut control: mpsc::Receiver<Bytes>,
+    mut sink: Sink,
     outbox: &Outbox,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
     node: &Node,
 ) {
-    let limits = &node.limits;
-    let grace = limits.pong_timeout;
-    let served = serve(&mut ws, &mut queue, &mut control, outbox, liveness, node).await;
+    let grace = node.limits.pong_timeout;
+    let served = serve(&mut sink, outbox, liveness, node).await;
     let reason = outbox.close_reason();
     if let Some(label) = reason.metric_label() {
         node.metrics.disconnects.with_label_values(&[label]).inc();
@@ -48,17 +51,13 @@ pub async fn run(
         return;
     }
     let close = match &reason {
-        CloseReason::Echo(payload) => Frame::close_raw(Payload::Borrowed(payload)),
+        CloseReason::Echo(payload) => frame::close(payload),
         other => {
             let (code, text) = other.frame().unwrap_or((1000, ""));
-            Frame::close(code, text.as_bytes())
+            frame::close_with(code, text)
         }
     };
-    let sent = bounded(outbox, grace, async {
-        ws.write_frame(close).await?;
-        ws.flush().await
-    })
-    .await;
+    let sent = bounded(outbox, grace, sink.write_all(&close)).await;
     if sent.is_ok() {
         let _ = tokio::time::timeout(CLOSE_WAIT.min(grace), peer_closed.cancelled()).await;
     }
@@ -66,9 +65,7 @@ pub async fn run(
 
 /// Writes until the connection starts closing.
 async fn serve(
-    ws: &mut Sink,
-    queue: &mut mpsc::Receiver<Bytes>,
-    control: &mut mpsc::Receiver<Bytes>,
+    sink: &mut Sink,
     outbox: &Outbox,
     liveness: &Liveness,
     node: &Node,
@@ -78,25 +75,27 @@ async fn serve(
     let idle_limit = limits.ping_interval + limits.pong_timeout;
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
-    let idle = sleep(idle_limit);
-    tokio::pin!(idle);
+    let mut idle = pin!(sleep(idle_limit));
+    // Kept across turns: registering with the token takes its lock.
+    let mut closing = pin!(outbox.closing());
+    let mut batch = VecDeque::new();
     loop {
         tokio::select! {
             biased;
-            _ = outbox.closing() => return Ok(()),
-            Some(payload) = control.recv() => {
-                bounded(outbox, grace, ws.write_frame(Frame::pong(Payload::Borrowed(&payload)))).await?;
+            _ = &mut closing => {
+                // Records a shutdown (the node's token) so fan-out stops queueing at once.
+                outbox.close(CloseReason::Shutdown);
+                return Ok(());
             }
-            Some(msg) = queue.recv() => {
-                bounded(outbox, grace, ws.write_frame(Frame::text(Payload::Borrowed(&msg)))).await?;
-                for _ in 1..MAX_BATCH {
-                    let Ok(msg) = queue.try_recv() else { break };
-                    bounded(outbox, grace, ws.write_frame(Frame::text(Payload::Borrowed(&msg)))).await?;
+            _ = outbox.ready() => {
+                outbox.take(&mut batch);
+                bounded(outbox, grace, write_frames(sink, &mut batch)).await?;
+                if batch.capacity() > KEEP_SLOTS {
+                    batch.shrink_to(KEEP_SLOTS);
                 }
             }
             _ = ping.tick() => {
-                let frame = Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]));
-                bounded(outbox, grace, ws.write_frame(frame)).await?;
+                bounded(outbox, grace, sink.write_all(&PING_FRAME)).await?;
             }
             _ = &mut idle => {
                 let deadline = liveness.last_seen() + idle_limit;
@@ -105,28 +104,89 @@ async fn serve(
                     return Ok(());
                 }
                 idle.as_mut().reset(deadline);
-                continue;
             }
         }
-        bounded(outbox, grace, ws.flush()).await?;
     }
 }
 
-/// Runs a write; once the connection is closing it gets at most `grace` more.
-async fn bounded(
-    outbox: &Outbox,
-    grace: Duration,
-    write: impl Future<Output = Result<(), WebSocketError>>,
-) -> Result<(), Abort> {
-    let deadline = async {
-        outbox.closing().await;
-        sleep(grace).await;
+/// Writes every frame of `frames`, as many per syscall as fit; leaves `frames` empty.
+async fn write_frames(sink: &mut Sink, frames: &mut VecDeque<Bytes>) -> io::Result<()> {
+    while !frames.is_empty() {
+        // The iovec array lives only inside one poll, not in the connection's future.
+        let written = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
+                *slot = IoSlice::new(frame);
+                count += 1;
+            }
+            Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        consume(frames, written);
+    }
+    Ok(())
+}
+
+/// Drops the first `written` bytes of the queued frames.
+fn consume(frames: &mut VecDeque<Bytes>, mut written: usize) {
+    while written > 0 {
+        let Some(front) = frames.front_mut() else {
+            return;
+        };
+        if written < front.len() {
+            front.advance(written);
+            return;
+        }
+        written -= front.len();
+        frames.pop_front();
+    }
+}
+
+/// Runs a write; once the connection is closing it gets at most `grace` more. The deadline is
+/// only set up when the write does not complete at once, which is the rare case.
+async fn bounded<F>(outbox: &Outbox, grace: Duration, write: F) -> Result<(), Abort>
+where
+    F: Future<Output = io::Result<()>>,
+{
+    let mut write = pin!(write);
+    let result = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        Poll::Ready(result) => result,
+        Poll::Pending => {
+            let deadline = async {
+                outbox.closing().await;
+                sleep(grace).await;
+            };
+            tokio::select! {
+                result = write => result,
+                _ = deadline => return Err(Abort),
+            }
+        }
     };
-    tokio::select! {
-        result = write => result.map_err(|_| {
-            outbox.close(CloseReason::Gone);
-            Abort
-        }),
-        _ = deadline => Err(Abort),
+    result.map_err(|_| {
+        outbox.close(CloseReason::Gone);
+        Abort
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consume_drops_whole_frames_and_advances_into_a_partial_one() {
+        let mut frames: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        consume(&mut frames, 4);
+        assert_eq!(frames, [&b"e"[..], b"fgh"]);
+        consume(&mut frames, 1);
+        assert_eq!(frames, [&b"fgh"[..]]);
+        consume(&mut frames, 3);
+        assert!(frames.is_empty());
     }
 }
