@@ -71,9 +71,12 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
     }
     match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, upgraded)) => {
+            let tracker = sessions.clone();
             sessions.spawn(async move {
+                // The session is a task of its own: the upgrade's state, larger than the
+                // session's, is freed instead of staying in every connection's task cell.
                 match upgraded.await {
-                    Ok(ws) => conn::serve(ws, node).await,
+                    Ok(ws) => drop(tracker.spawn(conn::serve(ws, node))),
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });

@@ -111,7 +111,8 @@ async fn handle_message(session: &mut Session, opcode: OpCode, data: &[u8]) -> O
         let Ok(text) = std::str::from_utf8(data) else {
             return Some(CloseReason::InvalidUtf8);
         };
-        session.execute(text).await
+        // Boxed: a command's state would otherwise sit in every idle connection's task.
+        Box::pin(session.execute(text)).await
     };
     session.outbox.push(reply).await;
     None
