@@ -72,12 +72,8 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
         node: node.id.clone(),
         user: None,
     };
-    let outbox = Arc::new(Outbox::new(
-        node.next_key(),
-        member,
-        limits.send_queue,
-        node.drain.connection_token(),
-    ));
+    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.send_queue));
+    node.drain.register(&outbox);
     metrics.connections.inc();
     metrics.connections_total.inc();
     tracing::debug!("connected");
@@ -107,6 +103,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
         }
     }
     session.end().await;
+    node.drain.unregister(outbox.key);
     metrics.connections.dec();
     tracing::debug!(reason = ?outbox.close_reason(), "disconnected");
 }

@@ -17,7 +17,6 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::presence::Member;
 
@@ -91,22 +90,19 @@ pub struct Outbox {
     queue: Mutex<VecDeque<Bytes>>,
     /// Most frames queued before the connection counts as a slow consumer.
     capacity: usize,
-    /// Wakes the writer when the queue goes from empty to non-empty.
+    /// Wakes the writer when the queue goes from empty to non-empty, and when the connection
+    /// starts closing.
     ready: Notify,
-    /// Wakes a reply waiting for room once the writer has taken the queue.
+    /// Wakes a reply waiting for room once the writer has taken the queue, or on close.
     room: Notify,
-    /// Set by [`Outbox::close`]: the cheap check on the fan-out path (reading the token's state
-    /// takes its mutex).
+    /// Set by [`Outbox::close`]; read on every push and writer wake-up.
     closed: AtomicBool,
-    /// Cancelled when the connection starts closing; a child of the node's shutdown token, so a
-    /// shutdown closes every connection without a registry of them.
-    closing: CancellationToken,
-    /// The first reason given wins; unset when the close came from the shutdown token.
+    /// The first reason given wins.
     reason: OnceLock<CloseReason>,
 }
 
 impl Outbox {
-    pub fn new(key: u64, member: Member, capacity: usize, closing: CancellationToken) -> Self {
+    pub fn new(key: u64, member: Member, capacity: usize) -> Self {
         Outbox {
             key,
             member,
@@ -115,7 +111,6 @@ impl Outbox {
             ready: Notify::new(),
             room: Notify::new(),
             closed: AtomicBool::new(false),
-            closing,
             reason: OnceLock::new(),
         }
     }
@@ -149,7 +144,7 @@ impl Outbox {
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
-            // Registered before the check, so room made after it is not missed.
+            // Registered before the checks, so room made (or a close) after them is not missed.
             room.as_mut().enable();
             if self.is_closing() {
                 return false;
@@ -166,10 +161,7 @@ impl Outbox {
                     return true;
                 }
             }
-            tokio::select! {
-                _ = room => {}
-                _ = self.closing.cancelled() => return false,
-            }
+            room.await;
         }
     }
 
@@ -190,19 +182,22 @@ impl Outbox {
     /// Starts closing the connection; the first reason wins.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
-        self.closed.store(true, Ordering::Relaxed);
-        self.closing.cancel();
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+        self.room.notify_waiters();
     }
 
-    /// Whether the connection is closing. A node shutdown cancels the token first; the writer
-    /// then records it here with [`Outbox::close`] as soon as it wakes.
+    /// Whether the connection is closing.
     pub fn is_closing(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.closed.load(Ordering::Acquire)
     }
 
-    /// Resolves once the connection starts closing.
+    /// Resolves once the connection starts closing. For the writer only: it shares the writer's
+    /// wake-ups, so the writer re-checks its queue after using it.
     pub async fn closing(&self) {
-        self.closing.cancelled().await
+        while !self.is_closing() {
+            self.ready.notified().await;
+        }
     }
 
     /// Why the connection is closing (a shutdown unless a reason was given).

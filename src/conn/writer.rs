@@ -22,8 +22,9 @@ use super::frame::{self, PING_FRAME};
 use super::{CloseReason, Io, Liveness, Outbox};
 use crate::node::Node;
 
-/// Frames handed to one vectored write (Linux takes up to 1024 iovecs).
-const MAX_IOV: usize = 256;
+/// Frames handed to one vectored write: enough to amortise the syscall, small enough that
+/// building the array on every poll stays cheap.
+const MAX_IOV: usize = 64;
 /// How long the writer waits for the client's close frame after sending its own.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// A drained batch queue keeps at most this many slots, so a past burst does not pin memory.
@@ -76,24 +77,24 @@ async fn serve(
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     let mut idle = pin!(sleep(idle_limit));
-    // Kept across turns: registering with the token takes its lock.
-    let mut closing = pin!(outbox.closing());
     let mut batch = VecDeque::new();
     loop {
+        if outbox.is_closing() {
+            return Ok(());
+        }
+        // Taken again after every write: frames queued meanwhile may have no wake-up of their
+        // own (a closing deadline inside `bounded` shares the writer's wake-ups).
+        outbox.take(&mut batch);
+        if !batch.is_empty() {
+            bounded(outbox, grace, write_frames(sink, &mut batch)).await?;
+            if batch.capacity() > KEEP_SLOTS {
+                batch.shrink_to(KEEP_SLOTS);
+            }
+            continue;
+        }
         tokio::select! {
             biased;
-            _ = &mut closing => {
-                // Records a shutdown (the node's token) so fan-out stops queueing at once.
-                outbox.close(CloseReason::Shutdown);
-                return Ok(());
-            }
-            _ = outbox.ready() => {
-                outbox.take(&mut batch);
-                bounded(outbox, grace, write_frames(sink, &mut batch)).await?;
-                if batch.capacity() > KEEP_SLOTS {
-                    batch.shrink_to(KEEP_SLOTS);
-                }
-            }
+            _ = outbox.ready() => {}
             _ = ping.tick() => {
                 bounded(outbox, grace, sink.write_all(&PING_FRAME)).await?;
             }
@@ -112,8 +113,12 @@ async fn serve(
 /// Writes every frame of `frames`, as many per syscall as fit; leaves `frames` empty.
 async fn write_frames(sink: &mut Sink, frames: &mut VecDeque<Bytes>) -> io::Result<()> {
     while !frames.is_empty() {
-        // The iovec array lives only inside one poll, not in the connection's future.
+        // The iovec array lives only inside one poll, not in the connection's future; a lone
+        // frame (the common case for a subscriber that keeps up) needs none.
         let written = poll_fn(|cx| {
+            if frames.len() == 1 {
+                return Pin::new(&mut *sink).poll_write(cx, &frames[0]);
+            }
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
             for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
