@@ -1,8 +1,9 @@
 //! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`; 404 otherwise.
 //!
 //! The service never returns an error: hyper aborts a connection whose service fails, and a
-//! client deserves a status code (426 without upgrade headers, 400 for a malformed upgrade,
-//! 503 while draining) rather than a dropped socket.
+//! client deserves a status code rather than a dropped socket. Upgrades are refused, before any
+//! 101, in the contract's order: 426/400 without (valid) upgrade headers, 503 while draining,
+//! 403 for an `Origin` not allowed, 401 for a missing or invalid token, 503 at the connection cap.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, UPGRADE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, ORIGIN, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
@@ -54,7 +55,7 @@ pub async fn handle(
 }
 
 /// Answers a `GET /ws`: refusals in the contract's order, then the 101 and a session task.
-fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Response<Body> {
+fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut response = text(
             StatusCode::UPGRADE_REQUIRED,
@@ -65,15 +66,54 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
             .insert(UPGRADE, HeaderValue::from_static("websocket"));
         return response;
     }
+    if let Err(why) = check_handshake_headers(&req) {
+        reject(&node, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("bad websocket upgrade: {why}\n"),
+        );
+    }
     if node.drain.is_draining() {
         reject(&node, "draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    if let (Some(allowed), Some(origin)) = (&node.origins, req.headers().get(ORIGIN)) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        if !allowed.allows(&origin) {
+            reject(&node, "origin");
+            tracing::info!(origin = %truncate(&origin, 200), "upgrade refused: origin not allowed");
+            return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let identity = match node.auth.authenticate(&parts) {
+        Ok(identity) => identity,
+        Err(e) => {
+            reject(&node, "unauthorized");
+            let reason = e.reason();
+            tracing::info!(reason = %reason, "upgrade refused: unauthorized");
+            return text(StatusCode::UNAUTHORIZED, format!("{reason}\n"));
+        }
+    };
+    let Some(slot) = node.admit() else {
+        reject(&node, "max_connections");
+        tracing::info!(
+            max = node.limits.max_connections,
+            "upgrade refused: connection limit reached"
+        );
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached\n",
+        );
+    };
+    let mut req = Request::from_parts(parts, body);
     match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, upgraded)) => {
             sessions.spawn(async move {
+                // Held for the whole session: the connection's place under the cap.
+                let _slot = slot;
                 match upgraded.await {
-                    Ok(ws) => conn::serve(ws, node).await,
+                    Ok(ws) => conn::serve(ws, node, identity).await,
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });
@@ -86,6 +126,29 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
                 format!("bad websocket upgrade: {e}\n"),
             )
         }
+    }
+}
+
+/// What fastwebsockets' `upgrade` would refuse, checked first so a malformed upgrade gets its
+/// 400 ahead of the other refusals.
+fn check_handshake_headers(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let headers = req.headers();
+    if !headers.contains_key("sec-websocket-key") {
+        return Err("missing Sec-WebSocket-Key");
+    }
+    if headers
+        .get("sec-websocket-version")
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 

@@ -7,6 +7,7 @@
 //! pings, the server's ping timer, the dead-peer deadline and the final close frame.
 
 mod outbox;
+mod rate;
 mod reader;
 mod writer;
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::Identity;
 use crate::cmd::Session;
 use crate::node::Node;
 use crate::presence::Member;
@@ -62,14 +64,16 @@ impl Liveness {
     }
 }
 
-/// Serves one upgraded WebSocket until it is closed.
-pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>) {
+/// Serves one upgraded WebSocket of `identity` until it is closed.
+pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>, identity: Identity) {
     let conn_id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("conn", conn_id = %conn_id);
-    serve_inner(ws, node, conn_id).instrument(span).await
+    serve_inner(ws, node, conn_id, identity)
+        .instrument(span)
+        .await
 }
 
-async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
+async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identity: Identity) {
     let limits = node.limits.clone();
     let metrics = node.metrics.clone();
     let (queue_tx, queue_rx) = mpsc::channel(limits.send_queue);
@@ -77,7 +81,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
     let member = Member {
         conn_id,
         node: node.id.clone(),
-        user: None,
+        user: identity.user.clone(),
     };
     let outbox = Arc::new(Outbox::new(
         node.next_key(),
@@ -102,7 +106,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
     });
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
-    let mut session = Session::new(node.clone(), outbox.clone());
+    let mut session = Session::new(node.clone(), outbox.clone(), identity);
     {
         let reader = reader::run(read, &mut session, &liveness, &control_tx, &peer_closed);
         let writer = writer::run(

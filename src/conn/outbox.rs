@@ -28,6 +28,12 @@ pub enum CloseReason {
     InvalidUtf8,
     /// A malformed frame: 1002.
     Protocol,
+    /// The token reached its `exp` without a refresh: 1008.
+    TokenExpired,
+    /// A backend's `__control` disconnect for the connection's user: 1008.
+    Disconnected,
+    /// More than twice the rate limit in each of 5 consecutive seconds: 1008.
+    Flood,
     /// The client closed: echo its close payload (empty when it sent none).
     Echo(Bytes),
     /// The peer is gone (EOF, reset): no close frame can be sent.
@@ -44,6 +50,9 @@ impl CloseReason {
             CloseReason::TooBig => Some((1009, "message too big")),
             CloseReason::InvalidUtf8 => Some((1007, "invalid utf-8")),
             CloseReason::Protocol => Some((1002, "protocol error")),
+            CloseReason::TokenExpired => Some((1008, "token expired")),
+            CloseReason::Disconnected => Some((1008, "disconnected")),
+            CloseReason::Flood => Some((1008, "rate limit exceeded")),
             CloseReason::Echo(_) | CloseReason::Gone => None,
         }
     }
@@ -57,6 +66,9 @@ impl CloseReason {
             CloseReason::TooBig => Some("message_too_big"),
             CloseReason::InvalidUtf8 => Some("invalid_utf8"),
             CloseReason::Protocol => Some("protocol_error"),
+            CloseReason::TokenExpired => Some("token_expired"),
+            CloseReason::Disconnected => Some("control"),
+            CloseReason::Flood => Some("flood"),
             CloseReason::Echo(_) | CloseReason::Gone => None,
         }
     }
