@@ -13,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::SubjectPublicKeyInfoDer;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::ConfigError;
 
@@ -20,18 +21,59 @@ use crate::error::ConfigError;
 pub const LEEWAY_SECS: u64 = 5;
 
 /// The claims pubgate reads; other claims are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Claims {
     /// The user id.
     pub sub: String,
     /// Expiry, unix seconds.
     pub exp: u64,
     /// Channel patterns the user may subscribe to (absent = none).
-    #[serde(default)]
     pub subscribe: Vec<String>,
     /// Channel patterns the user may publish to (absent = none).
-    #[serde(default)]
     pub publish: Vec<String>,
+}
+
+/// The claims as jsonwebtoken hands them over. It deserialises the claims before it checks the
+/// required ones, so everything is loose here (a missing `sub` must read as missing, not as a
+/// JSON error); the types are checked after validation.
+#[derive(Deserialize)]
+struct RawClaims {
+    #[serde(default)]
+    sub: Value,
+    #[serde(default)]
+    exp: Value,
+    #[serde(default)]
+    subscribe: Value,
+    #[serde(default)]
+    publish: Value,
+}
+
+impl RawClaims {
+    fn typed(self) -> Result<Claims, TokenError> {
+        let invalid = |name: &str| TokenError::InvalidClaim(name.into());
+        let patterns = |value: Value, name: &str| match value {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(invalid(name)),
+                })
+                .collect(),
+            _ => Err(invalid(name)),
+        };
+        let sub = match self.sub {
+            Value::String(s) if !s.is_empty() => s,
+            _ => return Err(invalid("sub")),
+        };
+        let exp = self.exp.as_u64().ok_or_else(|| invalid("exp"))?;
+        Ok(Claims {
+            sub,
+            exp,
+            subscribe: patterns(self.subscribe, "subscribe")?,
+            publish: patterns(self.publish, "publish")?,
+        })
+    }
 }
 
 /// Why a token was refused; [`TokenError::reason`] is the client-facing text.
@@ -137,12 +179,9 @@ impl Verifier {
             }
             Some(_) => {}
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let data = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation)
             .map_err(|e| classify(e.kind()))?;
-        if data.claims.sub.is_empty() {
-            return Err(TokenError::InvalidClaim("sub".into()));
-        }
-        Ok(data.claims)
+        data.claims.typed()
     }
 }
 
@@ -151,8 +190,8 @@ fn classify(kind: &ErrorKind) -> TokenError {
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
             TokenError::Malformed
         }
-        // The claims did not deserialise: `sub` not a string, patterns not strings, ...
-        ErrorKind::Json(_) => TokenError::InvalidClaim("claims".into()),
+        // The claims are not a JSON object.
+        ErrorKind::Json(_) => TokenError::Malformed,
         ErrorKind::InvalidSignature => TokenError::BadSignature,
         ErrorKind::InvalidAlgorithm
         | ErrorKind::InvalidAlgorithmName
