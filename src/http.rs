@@ -68,10 +68,15 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
     }
     if let Err(why) = check_handshake_headers(&req) {
         reject(&node, "bad_request");
-        return text(
+        let mut response = text(
             StatusCode::BAD_REQUEST,
             format!("bad websocket upgrade: {why}\n"),
         );
+        // RFC 6455 section 4.2.2: tell the client which version this server speaks.
+        response
+            .headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return response;
     }
     if node.drain.is_draining() {
         reject(&node, "draining");
