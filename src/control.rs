@@ -9,7 +9,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use crate::broker::MessageSink;
 use crate::conn::CloseReason;
@@ -26,14 +26,6 @@ pub struct Router {
     pub users: Arc<Users>,
 }
 
-#[derive(Deserialize)]
-struct ControlMessage {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    user: Option<String>,
-}
-
 impl MessageSink for Router {
     fn deliver(&self, channel: &str, payload: &[u8]) {
         if channel == CONTROL_CHANNEL {
@@ -47,16 +39,17 @@ impl MessageSink for Router {
 impl Router {
     /// Handles one control message; anything but a well-formed disconnect is ignored.
     fn control(&self, payload: &[u8]) {
-        let Ok(msg) = serde_json::from_slice::<ControlMessage>(payload) else {
-            tracing::debug!("control message ignored: not a JSON object with a `type`");
+        // A JSON object only: serde would also read a struct out of an array.
+        let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(payload) else {
+            tracing::debug!("control message ignored: not a JSON object");
             return;
         };
-        match (msg.kind.as_str(), msg.user) {
-            ("disconnect", Some(user)) => {
-                let closed = self.users.close_all(&user, CloseReason::Disconnected);
+        match (msg.get("type"), msg.get("user")) {
+            (Some(Value::String(kind)), Some(Value::String(user))) if kind == "disconnect" => {
+                let closed = self.users.close_all(user, CloseReason::Disconnected);
                 tracing::info!(user = %user, connections = closed, "control: disconnect");
             }
-            (kind, _) => tracing::debug!(kind, "control message ignored"),
+            (kind, _) => tracing::debug!(?kind, "control message ignored"),
         }
     }
 }
