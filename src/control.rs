@@ -72,3 +72,60 @@ pub async fn subscribe(node: Weak<Node>) {
         delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Outbox;
+    use crate::metrics::Metrics;
+    use crate::presence::Member;
+    use tokio_util::sync::CancellationToken;
+
+    fn outbox(key: u64, user: &str) -> Arc<Outbox> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let member = Member {
+            conn_id: format!("c{key}"),
+            node: "n".into(),
+            user: Some(user.into()),
+        };
+        Arc::new(Outbox::new(key, member, tx, CancellationToken::new()))
+    }
+
+    #[test]
+    fn only_a_disconnect_object_for_the_user_closes_its_connections() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let router = Router {
+            hub: Arc::new(Hub::new(metrics)),
+            users: Arc::new(Users::default()),
+        };
+        let alice = [outbox(1, "alice"), outbox(2, "alice")];
+        let bob = outbox(3, "bob");
+        for o in alice.iter().chain([&bob]) {
+            router.users.insert(o.member.user.as_deref().unwrap(), o);
+        }
+        for ignored in [
+            &br#"["disconnect","alice"]"#[..],
+            br#"{"type":"disconnect"}"#,
+            br#"{"type":"disconnect","user":["alice"]}"#,
+            br#"{"type":"kick","user":"alice"}"#,
+            b"\xff\xfe",
+        ] {
+            router.deliver(CONTROL_CHANNEL, ignored);
+        }
+        // The same text on an ordinary channel is a message, not a command.
+        router.deliver("control", br#"{"type":"disconnect","user":"alice"}"#);
+        assert!(alice.iter().all(|o| !o.is_closing()));
+        router.deliver(CONTROL_CHANNEL, br#"{"type":"disconnect","user":"alice"}"#);
+        assert!(alice
+            .iter()
+            .all(|o| o.close_reason() == CloseReason::Disconnected));
+        assert!(!bob.is_closing());
+        // A closed connection leaves the index.
+        router.users.remove("alice", 1);
+        router.users.remove("alice", 2);
+        assert_eq!(
+            router.users.close_all("alice", CloseReason::Disconnected),
+            0
+        );
+    }
+}

@@ -123,7 +123,9 @@ async fn wss_and_https_are_served_with_the_configured_certificate() {
     assert!(health.ends_with("ok\n"), "{health}");
     let metrics = https_get(&cert, node.addr, "/metrics").await;
     assert!(metrics.contains("\npubgate_connections 2\n"), "{metrics}");
-    assert!(https_get(&cert, node.addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    assert!(https_get(&cert, node.addr, "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
 }
 
 #[tokio::test]
