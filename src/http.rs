@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, ORIGIN, UPGRADE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, ORIGIN, UPGRADE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
@@ -97,7 +97,13 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
             reject(&node, "unauthorized");
             let reason = e.reason();
             tracing::info!(reason = %reason, "upgrade refused: unauthorized");
-            return text(StatusCode::UNAUTHORIZED, format!("{reason}\n"));
+            let mut response = text(StatusCode::UNAUTHORIZED, format!("{reason}\n"));
+            // RFC 6750 section 3: a 401 names the scheme it wants.
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            return response;
         }
     };
     let Some(slot) = node.admit() else {

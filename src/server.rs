@@ -91,6 +91,12 @@ impl Server {
             tls = tls.is_some(),
             "listening on {local_addr}"
         );
+        if config.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            tracing::warn!(
+                "PUBGATE_JWT_SECRET is shorter than 32 bytes: HS256 secrets that short can be \
+                 brute-forced from one token"
+            );
+        }
         if node.auth.verifier().is_none() {
             tracing::warn!(
                 "no PUBGATE_JWT_SECRET or PUBGATE_JWT_PUBLIC_KEY_FILE: connections are anonymous \

@@ -123,6 +123,15 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
             upgrade_token(&node, token).await
         };
         assert_refused(&resp, 401, body, what);
+        assert_eq!(
+            common::raw::header(&resp.head, "www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_token\""),
+            "{what}"
+        );
+        assert!(
+            common::raw::header(&resp.head, "upgrade").is_none(),
+            "{what}: no upgrade"
+        );
     }
     // Accepted: query, header, a token expired within the 5 s leeway, nbf just passed.
     assert_eq!(
