@@ -550,6 +550,23 @@ async fn an_unrefreshed_token_closes_the_connection_at_exp() {
 }
 
 #[tokio::test]
+async fn an_exp_at_the_end_of_time_does_not_crash_the_node() {
+    let node = start_node(secret_config()).await;
+    let token = hs256(&json!({"sub":"alice","exp":u64::MAX,"subscribe":["*"]}));
+    let mut alice = Client::connect_bearer(&node.ws_url(), &token).await;
+    alice.subscribe("news").await;
+    let reply = alice
+        .request(json!({"type":"refresh","token":token,"id":1}))
+        .await;
+    assert_eq!(reply, json!({"type":"refreshed","id":1,"exp":u64::MAX}));
+    assert_eq!(
+        alice.request(json!({"type":"ping","id":2})).await,
+        json!({"type":"pong","id":2})
+    );
+    assert_eq!(node.http_get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
 async fn refresh_moves_the_expiry_later_or_earlier() {
     let node = start_node(secret_config()).await;
     // Later: a token due in 2 s refreshed to 5 s is still open at 3 s.

@@ -40,9 +40,31 @@ async fn run(outbox: Arc<Outbox>, mut exp: watch::Receiver<u64>) {
     }
 }
 
-/// Time left until unix second `exp` (zero when it is past).
+/// Time left until unix second `exp` (zero when it is past; "forever" for an `exp` beyond what
+/// the clock can represent, which must not panic: the token is signed, but still input).
 pub fn until(exp: u64) -> Duration {
-    let at = UNIX_EPOCH + Duration::from_secs(exp);
-    at.duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
+    match UNIX_EPOCH.checked_add(Duration::from_secs(exp)) {
+        Some(at) => at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+        None => Duration::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_exp_gives_a_duration() {
+        assert_eq!(until(0), Duration::ZERO);
+        assert_eq!(until(u64::MAX), Duration::MAX);
+        let soon = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 10;
+        let left = until(soon);
+        assert!(left > Duration::from_secs(8) && left <= Duration::from_secs(10));
+    }
 }
