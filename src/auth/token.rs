@@ -270,6 +270,22 @@ mod tests {
         assert_eq!(rsa.algorithm(), Algorithm::RS256);
         let ec = Verifier::from_public_key_file(&fixture("ec_public.pem")).unwrap();
         assert_eq!(ec.algorithm(), Algorithm::ES256);
+        // The same RSA key as PKCS#1 (`BEGIN RSA PUBLIC KEY`) verifies the same tokens.
+        let pkcs1 = Verifier::from_public_key_file(&fixture("rsa_public_pkcs1.pem")).unwrap();
+        assert_eq!(pkcs1.algorithm(), Algorithm::RS256);
+        let private = std::fs::read(fixture("rsa_private.pem")).unwrap();
+        let claims = serde_json::json!({"sub": "a", "exp": u64::MAX / 2, "subscribe": ["x"]});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::RS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&private).unwrap(),
+        )
+        .unwrap();
+        for verifier in [&rsa, &pkcs1] {
+            let got = verifier.verify(&token).unwrap();
+            assert_eq!((got.sub.as_str(), got.subscribe.len()), ("a", 1));
+        }
+        assert_eq!(ec.verify(&token).unwrap_err(), TokenError::WrongAlgorithm);
     }
 
     #[test]
