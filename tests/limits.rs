@@ -157,9 +157,10 @@ async fn a_flood_of_tiny_frames_is_closed_1008_while_others_stay_fast() {
     let frame = close.expect("a close frame");
     assert_eq!(u16::from(frame.code), 1008);
     assert_eq!(frame.reason.as_str(), "rate limit exceeded");
-    // Five flooded seconds: the close comes during the fifth.
+    // Five flooded seconds: the close comes during the fifth (the windows start with the
+    // connection, a moment before this client saw its welcome).
     assert!(
-        elapsed >= Duration::from_secs(4) && elapsed < Duration::from_secs(6),
+        elapsed >= Duration::from_millis(3_800) && elapsed < Duration::from_secs(6),
         "closed after {elapsed:?}"
     );
     assert!(worst < Duration::from_millis(500), "worst ping {worst:?}");
