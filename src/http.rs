@@ -20,6 +20,11 @@ use crate::node::Node;
 
 pub type Body = Full<Bytes>;
 
+/// The client's address, put on each request by the accept loop (the load balancer's address
+/// when there is one in front).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// Routes one request. WebSocket sessions are spawned on `sessions` so shutdown can wait for them.
 pub async fn handle(
     req: Request<Incoming>,
@@ -82,11 +87,16 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
         reject(&node, "draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_default();
     if let (Some(allowed), Some(origin)) = (&node.origins, req.headers().get(ORIGIN)) {
         let origin = String::from_utf8_lossy(origin.as_bytes());
         if !allowed.allows(&origin) {
             reject(&node, "origin");
-            tracing::info!(origin = %truncate(&origin, 200), "upgrade refused: origin not allowed");
+            tracing::info!(%peer, origin = %truncate(&origin, 200), "upgrade refused: origin not allowed");
             return text(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
     }
@@ -96,7 +106,7 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
         Err(e) => {
             reject(&node, "unauthorized");
             let reason = e.reason();
-            tracing::info!(reason = %reason, "upgrade refused: unauthorized");
+            tracing::info!(%peer, reason = %reason, "upgrade refused: unauthorized");
             let mut response = text(StatusCode::UNAUTHORIZED, format!("{reason}\n"));
             // RFC 6750 section 3: a 401 names the scheme it wants.
             response.headers_mut().insert(
@@ -109,6 +119,7 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
     let Some(slot) = node.admit() else {
         reject(&node, "max_connections");
         tracing::info!(
+            %peer,
             max = node.limits.max_connections,
             "upgrade refused: connection limit reached"
         );

@@ -158,10 +158,10 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
                 backoff = Duration::from_millis(5);
-                stream
+                accepted
             }
             Err(e) => {
                 // Typically out of file descriptors: wait for some to be released.
@@ -178,7 +178,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let Some(tls) = tls else {
-                return serve_http(stream, node, sessions, http_stop).await;
+                return serve_http(stream, peer, node, sessions, http_stop).await;
             };
             let handshake = tokio::time::timeout(node.limits.handshake_timeout, tls.accept(stream));
             let stream = tokio::select! {
@@ -189,18 +189,27 @@ async fn accept_loop(
                 },
                 _ = http_stop.cancelled() => return,
             };
-            serve_http(stream, node, sessions, http_stop).await
+            serve_http(stream, peer, node, sessions, http_stop).await
         });
     }
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one accepted connection, plain or TLS.
-async fn serve_http<I>(io: I, node: Arc<Node>, sessions: TaskTracker, http_stop: CancellationToken)
-where
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    sessions: TaskTracker,
+    http_stop: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = node.limits.handshake_timeout;
-    let service = service_fn(move |req| http::handle(req, node.clone(), sessions.clone()));
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        // For the one log line of a refused upgrade.
+        req.extensions_mut().insert(http::Peer(peer));
+        http::handle(req, node.clone(), sessions.clone())
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
