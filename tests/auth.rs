@@ -243,6 +243,22 @@ async fn rs256_and_es256_public_keys_pin_their_algorithm() {
             "token has no `sub` claim\n",
             &format!("{public}: no sub"),
         );
+        assert_refused(
+            &upgrade_token(&node, &sign(private, &json!({"sub": "carol"}))).await,
+            401,
+            "token has no `exp` claim\n",
+            &format!("{public}: no exp"),
+        );
+        let future = json!({"sub": "carol", "exp": now() + 120, "nbf": now() + 60});
+        assert_refused(
+            &upgrade_token(&node, &sign(private, &future)).await,
+            401,
+            "token not yet valid\n",
+            &format!("{public}: nbf in the future"),
+        );
+        // The header form works with these keys too.
+        let bearer = format!("Authorization: Bearer {token}\r\n");
+        assert_eq!(upgrade(&node, "/ws", &bearer).await.status, 101, "{public}");
     }
 }
 
