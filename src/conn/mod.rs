@@ -6,6 +6,7 @@
 //! The writer owns every outgoing frame: deliveries and replies from the queue, pongs for client
 //! pings, the server's ping timer, the dead-peer deadline and the final close frame.
 
+mod mask;
 mod outbox;
 mod rate;
 mod reader;
@@ -100,15 +101,26 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identi
     };
     outbox.try_push(welcome.encode());
 
+    let unmasked = mask::Unmasked::default();
     let (read, write) = ws.split(|io| {
         let (r, w) = tokio::io::split(io);
-        (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+        (
+            mask::MaskCheck::new(r, unmasked.clone()),
+            BufWriter::with_capacity(WRITE_BUFFER, w),
+        )
     });
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     {
-        let reader = reader::run(read, &mut session, &liveness, &control_tx, &peer_closed);
+        let reader = reader::run(
+            read,
+            &unmasked,
+            &mut session,
+            &liveness,
+            &control_tx,
+            &peer_closed,
+        );
         let writer = writer::run(
             write,
             queue_rx,

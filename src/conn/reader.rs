@@ -13,6 +13,7 @@ use tokio::io::ReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::mask::{MaskCheck, Unmasked};
 use super::rate::{MessageRate, Verdict};
 use super::{CloseReason, Io, Liveness};
 use crate::cmd::Session;
@@ -24,7 +25,8 @@ struct Partial {
 }
 
 pub async fn run(
-    mut ws: WebSocketRead<ReadHalf<Io>>,
+    mut ws: WebSocketRead<MaskCheck<ReadHalf<Io>>>,
+    unmasked: &Unmasked,
     session: &mut Session,
     liveness: &Liveness,
     control: &mpsc::Sender<Bytes>,
@@ -49,6 +51,10 @@ pub async fn run(
             }
         };
         liveness.touch();
+        if unmasked.seen() && !outbox.is_closing() {
+            // RFC 6455 section 5.1: a client frame must be masked.
+            outbox.close(CloseReason::Protocol);
+        }
         if outbox.is_closing() {
             // Closing: wait for the client's close frame, ignore anything else.
             if frame.opcode == OpCode::Close {
