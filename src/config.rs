@@ -5,6 +5,7 @@
 //! [`Config::validate`] so a bad value stops the node at start with a message naming the variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -81,6 +82,43 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_REDIS_TIMEOUT", default_value = "2s", value_parser = duration_of("PUBGATE_REDIS_TIMEOUT"))]
     pub redis_timeout: Duration,
 
+    /// Time a client gets to send its HTTP request headers (and, with TLS, to finish the TLS
+    /// handshake): the slowloris bound.
+    #[arg(long, env = "PUBGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration_of("PUBGATE_HANDSHAKE_TIMEOUT"))]
+    pub handshake_timeout: Duration,
+
+    /// HS256 secret for client tokens. Unset (and no public key): anonymous connections.
+    #[arg(long, env = "PUBGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for client tokens: RS256 for an RSA key, ES256 for a P-256 key.
+    #[arg(long, env = "PUBGATE_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Client messages per second per connection (token bucket refill); `0` = unlimited.
+    #[arg(long, env = "PUBGATE_RATE_LIMIT", default_value_t = 100)]
+    pub rate_limit: u32,
+
+    /// Capacity of the per-connection token bucket.
+    #[arg(long, env = "PUBGATE_RATE_BURST", default_value_t = 200)]
+    pub rate_burst: u32,
+
+    /// WebSocket connections per node; `0` = unlimited. Beyond it an upgrade gets HTTP 503.
+    #[arg(long, env = "PUBGATE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Comma-separated `scheme://host[:port]` origins allowed to upgrade. Unset: any origin.
+    #[arg(long, env = "PUBGATE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
+    /// PEM certificate chain: with `PUBGATE_TLS_KEY`, serve HTTPS/WSS on the listen address.
+    #[arg(long, env = "PUBGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the certificate in `PUBGATE_TLS_CERT`.
+    #[arg(long, env = "PUBGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log format: `text` or `json`. Levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "PUBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -103,6 +141,15 @@ impl Default for Config {
             drain_delay: Duration::ZERO,
             broker_probe_interval: Duration::from_secs(5),
             redis_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(10),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            rate_limit: 100,
+            rate_burst: 200,
+            max_connections: 0,
+            allowed_origins: None,
+            tls_cert: None,
+            tls_key: None,
             log_format: LogFormat::Text,
         }
     }
@@ -118,6 +165,7 @@ impl Config {
             ("PUBGATE_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
             ("PUBGATE_BROKER_PROBE_INTERVAL", self.broker_probe_interval),
             ("PUBGATE_REDIS_TIMEOUT", self.redis_timeout),
+            ("PUBGATE_HANDSHAKE_TIMEOUT", self.handshake_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -149,6 +197,40 @@ impl Config {
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str())
                 .map_err(|e| ConfigError::invalid("PUBGATE_REDIS_URL", e.to_string()))?;
+        }
+        if self.jwt_secret.is_some() && self.jwt_public_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "PUBGATE_JWT_SECRET",
+                "set either PUBGATE_JWT_SECRET (HS256) or PUBGATE_JWT_PUBLIC_KEY_FILE \
+                 (RS256/ES256), not both",
+            ));
+        }
+        if self.jwt_secret.as_deref() == Some("") {
+            return Err(ConfigError::invalid(
+                "PUBGATE_JWT_SECRET",
+                "must not be empty (unset it for anonymous connections)",
+            ));
+        }
+        if self.rate_limit > 0 && self.rate_burst == 0 {
+            return Err(ConfigError::invalid(
+                "PUBGATE_RATE_BURST",
+                "must be at least 1 while PUBGATE_RATE_LIMIT is set",
+            ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_TLS_KEY",
+                    "PUBGATE_TLS_CERT is set: set PUBGATE_TLS_KEY too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_TLS_CERT",
+                    "PUBGATE_TLS_KEY is set: set PUBGATE_TLS_CERT too",
+                ))
+            }
+            _ => {}
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 200 || id.contains(char::is_whitespace) {
@@ -243,6 +325,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("PUBGATE_REDIS_URL"));
+    }
+
+    #[test]
+    fn security_settings_that_cannot_work_are_refused() {
+        let err = |cfg: Config| cfg.validate().unwrap_err().to_string();
+        let both = err(Config {
+            jwt_secret: Some("s".into()),
+            jwt_public_key_file: Some("/k.pem".into()),
+            ..Config::default()
+        });
+        assert!(
+            both.contains("PUBGATE_JWT_SECRET") && both.contains("not both"),
+            "{both}"
+        );
+        let cert_only = err(Config {
+            tls_cert: Some("/c.pem".into()),
+            ..Config::default()
+        });
+        assert!(cert_only.contains("PUBGATE_TLS_KEY"), "{cert_only}");
+        let key_only = err(Config {
+            tls_key: Some("/k.pem".into()),
+            ..Config::default()
+        });
+        assert!(key_only.contains("PUBGATE_TLS_CERT"), "{key_only}");
+        let burst = err(Config {
+            rate_burst: 0,
+            ..Config::default()
+        });
+        assert!(burst.contains("PUBGATE_RATE_BURST"), "{burst}");
+        Config {
+            rate_limit: 0,
+            rate_burst: 0,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`; 404 otherwise.
 //!
 //! The service never returns an error: hyper aborts a connection whose service fails, and a
-//! client deserves a status code (426 without upgrade headers, 400 for a malformed upgrade,
-//! 503 while draining) rather than a dropped socket.
+//! client deserves a status code rather than a dropped socket. Upgrades are refused, before any
+//! 101, in the contract's order: 426/400 without (valid) upgrade headers, 503 while draining,
+//! 403 for an `Origin` not allowed, 401 for a missing or invalid token, 503 at the connection cap.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::header::{
+    HeaderValue, ALLOW, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
@@ -18,6 +21,11 @@ use crate::conn;
 use crate::node::Node;
 
 pub type Body = Full<Bytes>;
+
+/// The client's address, put on each request by the accept loop (the load balancer's address
+/// when there is one in front).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Routes one request. WebSocket sessions are spawned on `sessions` so shutdown can wait for them.
 pub async fn handle(
@@ -54,7 +62,7 @@ pub async fn handle(
 }
 
 /// Answers a `GET /ws`: refusals in the contract's order, then the 101 and a session task.
-fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Response<Body> {
+fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut response = text(
             StatusCode::UPGRADE_REQUIRED,
@@ -65,18 +73,76 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
             .insert(UPGRADE, HeaderValue::from_static("websocket"));
         return response;
     }
+    if let Err(why) = check_handshake_headers(&req) {
+        reject(&node, "bad_request");
+        let mut response = text(
+            StatusCode::BAD_REQUEST,
+            format!("bad websocket upgrade: {why}\n"),
+        );
+        // RFC 6455 section 4.2.2: tell the client which version this server speaks.
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
     if node.drain.is_draining() {
         reject(&node, "draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_default();
+    if let (Some(allowed), Some(origin)) = (&node.origins, req.headers().get(ORIGIN)) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        if !allowed.allows(&origin) {
+            reject(&node, "origin");
+            tracing::info!(%peer, origin = %truncate(&origin, 200), "upgrade refused: origin not allowed");
+            return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let identity = match node.auth.authenticate(&parts) {
+        Ok(identity) => identity,
+        Err(e) => {
+            reject(&node, "unauthorized");
+            let reason = e.reason();
+            tracing::info!(%peer, reason = %reason, "upgrade refused: unauthorized");
+            let mut response = text(StatusCode::UNAUTHORIZED, format!("{reason}\n"));
+            // RFC 6750 section 3: a 401 names the scheme it wants.
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            return response;
+        }
+    };
+    let Some(slot) = node.admit() else {
+        reject(&node, "max_connections");
+        tracing::info!(
+            %peer,
+            max = node.limits.max_connections,
+            "upgrade refused: connection limit reached"
+        );
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached\n",
+        );
+    };
+    let mut req = Request::from_parts(parts, body);
     match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, upgraded)) => {
             let tracker = sessions.clone();
             sessions.spawn(async move {
                 // The session is a task of its own: the upgrade's state, larger than the
-                // session's, is freed instead of staying in every connection's task cell.
+                // session's, is freed instead of staying in every connection's task cell. The
+                // slot (the connection's place under the cap) moves along with it.
                 match upgraded.await {
-                    Ok(ws) => drop(tracker.spawn(conn::serve(ws, node))),
+                    Ok(ws) => drop(tracker.spawn(async move {
+                        let _slot = slot;
+                        conn::serve(ws, node, identity).await
+                    })),
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });
@@ -94,6 +160,29 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -
                 .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             response
         }
+    }
+}
+
+/// What fastwebsockets' `upgrade` would refuse, checked first so a malformed upgrade gets its
+/// 400 ahead of the other refusals.
+fn check_handshake_headers(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let headers = req.headers();
+    if !headers.contains_key("sec-websocket-key") {
+        return Err("missing Sec-WebSocket-Key");
+    }
+    if headers
+        .get("sec-websocket-version")
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 

@@ -14,21 +14,28 @@
 //!   last local subscriber of a channel.
 //! - [`broker`] and [`presence`]: the two seams, each with a memory and a Redis implementation.
 //! - [`metrics`]: the Prometheus registry of one node.
+//! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
+//!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
 
+mod auth;
 pub mod broker;
 mod cmd;
 pub mod config;
 mod conn;
+mod control;
 mod error;
 mod http;
 mod hub;
 pub mod metrics;
 mod node;
+mod origin;
 pub mod presence;
 mod protocol;
 pub mod redis_commands;
 mod server;
 mod shutdown;
+mod tls;
+mod users;
 
 pub use config::{Config, LogFormat};
 pub use error::{BrokerError, ConfigError, Error};

@@ -12,7 +12,13 @@ use prometheus::{
 /// Reasons a message was dropped instead of delivered.
 pub const DROP_REASONS: &[&str] = &["slow_consumer"];
 /// Reasons an upgrade was refused.
-pub const UPGRADE_REJECT_REASONS: &[&str] = &["draining", "bad_request"];
+pub const UPGRADE_REJECT_REASONS: &[&str] = &[
+    "unauthorized",
+    "origin",
+    "max_connections",
+    "draining",
+    "bad_request",
+];
 /// Reasons a client request was refused.
 pub const REQUEST_REJECT_REASONS: &[&str] = &[
     "bad_request",
@@ -22,6 +28,8 @@ pub const REQUEST_REJECT_REASONS: &[&str] = &[
     "too_many_subscriptions",
     "unsupported",
     "unavailable",
+    "forbidden",
+    "rate_limited",
 ];
 /// Reasons the server closed a connection by policy.
 pub const DISCONNECT_REASONS: &[&str] = &[
@@ -31,6 +39,9 @@ pub const DISCONNECT_REASONS: &[&str] = &[
     "protocol_error",
     "invalid_utf8",
     "shutdown",
+    "token_expired",
+    "control",
+    "flood",
 ];
 
 /// Typed handles to every metric of a node. Cheap to share as `Arc<Metrics>`.
@@ -206,6 +217,17 @@ mod tests {
             "pubgate_broker_reconnects_total ",
             "pubgate_publish_duration_seconds_bucket",
             "pubgate_disconnects_total{reason=\"pong_timeout\"} ",
+            "pubgate_disconnects_total{reason=\"token_expired\"} ",
+            "pubgate_disconnects_total{reason=\"control\"} ",
+            "pubgate_disconnects_total{reason=\"flood\"} ",
+            "pubgate_disconnects_total{reason=\"slow_consumer\"} ",
+            "pubgate_upgrades_rejected_total{reason=\"unauthorized\"} ",
+            "pubgate_upgrades_rejected_total{reason=\"origin\"} ",
+            "pubgate_upgrades_rejected_total{reason=\"max_connections\"} ",
+            "pubgate_upgrades_rejected_total{reason=\"draining\"} ",
+            "pubgate_requests_rejected_total{reason=\"forbidden\"} ",
+            "pubgate_requests_rejected_total{reason=\"rate_limited\"} ",
+            "pubgate_requests_rejected_total{reason=\"invalid_channel\"} ",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -6,22 +6,26 @@
 //! (indexed by channel hash), so racing clients always leave the node subscribed on the broker
 //! exactly when it has local subscribers; unrelated channels rarely share a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+use crate::auth::Auth;
 use crate::broker::{Broker, MemoryBroker, MessageSink, RedisBroker, RedisBrokerOptions};
 use crate::config::Config;
 use crate::conn::Outbox;
+use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
 use crate::hub::{channel_slot, Hub};
 use crate::metrics::Metrics;
+use crate::origin::AllowedOrigins;
 use crate::presence::{Member, MemoryPresence, Presence, RedisPresence};
 use crate::redis_commands::RedisCommands;
 use crate::shutdown::Drain;
+use crate::users::Users;
 
 const CHANNEL_LOCKS: usize = 1024;
 
@@ -33,6 +37,14 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_subscriptions: usize,
     pub send_queue: usize,
+    /// Client messages per second per connection; 0 = unlimited.
+    pub rate_limit: u32,
+    /// Token bucket capacity of the rate limit.
+    pub rate_burst: u32,
+    /// WebSocket connections on this node; 0 = unlimited.
+    pub max_connections: usize,
+    /// Time to send request headers (and finish a TLS handshake).
+    pub handshake_timeout: Duration,
 }
 
 /// Shared state of one node; connections hold it as `Arc<Node>`.
@@ -44,6 +56,15 @@ pub struct Node {
     pub presence: Arc<dyn Presence>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    /// Token verification, or anonymous mode.
+    pub auth: Auth,
+    /// `Origin` allowlist; `None` allows any origin.
+    pub origins: Option<AllowedOrigins>,
+    /// Authenticated connections by user, for control disconnects.
+    pub users: Arc<Users>,
+    /// Admitted WebSocket connections (see [`Node::admit`]); exact, unlike the gauge, because
+    /// the cap is checked against it.
+    admitted: AtomicUsize,
     /// Serialise broker subscribe/unsubscribe per channel (see the module doc).
     channel_locks: Box<[Mutex<()>]>,
     next_key: AtomicU64,
@@ -53,9 +74,15 @@ impl Node {
     /// Builds the node's parts: the memory broker and presence, or the Redis ones when
     /// `PUBGATE_REDIS_URL` is set (their connections are made in the background).
     pub fn start(config: &Config, id: String) -> Result<Arc<Node>, Error> {
+        let auth = Auth::from_config(config)?;
+        let origins = AllowedOrigins::parse(config.allowed_origins.as_deref())?;
         let metrics = Arc::new(Metrics::new()?);
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let sink: Arc<dyn MessageSink> = hub.clone();
+        let users = Arc::new(Users::default());
+        let sink: Arc<dyn MessageSink> = Arc::new(Router {
+            hub: hub.clone(),
+            users: users.clone(),
+        });
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis_url {
             None => (
                 Arc::new(MemoryBroker::new(sink)),
@@ -88,15 +115,24 @@ impl Node {
                 max_message_size: config.max_message_size,
                 max_subscriptions: config.max_subscriptions,
                 send_queue: config.send_queue,
+                rate_limit: config.rate_limit,
+                rate_burst: config.rate_burst,
+                max_connections: config.max_connections,
+                handshake_timeout: config.handshake_timeout,
             },
             hub,
             broker,
             presence,
             metrics,
             drain: Drain::default(),
+            auth,
+            origins,
+            users,
+            admitted: AtomicUsize::new(0),
             channel_locks: (0..CHANNEL_LOCKS).map(|_| Mutex::new(())).collect(),
             next_key: AtomicU64::new(1),
         });
+        tokio::spawn(control::subscribe(Arc::downgrade(&node)));
         if config.redis_url.is_some() {
             tokio::spawn(refresh_presence(
                 Arc::downgrade(&node),
@@ -109,6 +145,19 @@ impl Node {
     /// A node-local key for a new connection.
     pub fn next_key(&self) -> u64 {
         self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes one of the node's connection slots, or `None` at `PUBGATE_MAX_CONNECTIONS`. The
+    /// slot is released when the returned guard drops (the session task ends), so the count is
+    /// exact under concurrent upgrades and closes.
+    pub fn admit(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.limits.max_connections;
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnectionSlot { node: self.clone() })
     }
 
     /// `Ok` when the node should receive traffic, else the reason for `/readyz`.
@@ -202,6 +251,17 @@ impl Node {
     /// Stops background work after the last connection closed.
     pub async fn shutdown(&self) {
         self.broker.shutdown().await;
+    }
+}
+
+/// One admitted connection; releases its slot on drop.
+pub struct ConnectionSlot {
+    node: Arc<Node>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

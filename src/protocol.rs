@@ -26,6 +26,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     Unsupported,
     Unavailable,
+    RateLimited,
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -39,6 +41,8 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -68,6 +72,9 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
     },
     Ping,
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A request answered with an error reply.
@@ -104,6 +111,8 @@ struct RawRequest<'a> {
     channel: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// A present field, even `null` (serde would read `null` into `None`, losing `"data": null`).
@@ -142,6 +151,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         let value = raw.channel.ok_or_else(|| bad("missing field `channel`"))?;
         let name = json_str(value).ok_or_else(|| bad("field `channel` must be a string"))?;
         validate_channel(&name)
+            .and_then(|()| reject_reserved(&name))
             .map_err(|why| Rejection::new(id, ErrorCode::InvalidChannel, why))?;
         Ok(name)
     };
@@ -161,6 +171,11 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
             channel: channel()?,
         },
         "ping" => Command::Ping,
+        "refresh" => {
+            let value = raw.token.ok_or_else(|| bad("missing field `token`"))?;
+            let token = json_str(value).ok_or_else(|| bad("field `token` must be a string"))?;
+            Command::Refresh { token }
+        }
         other => {
             return Err(Rejection::new(
                 id,
@@ -200,6 +215,18 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b);
     if !name.bytes().all(allowed) {
         return Err("channel names may only contain A-Z a-z 0-9 _ - . : @ /");
+    }
+    Ok(())
+}
+
+/// Prefix of names reserved for the node itself (`__control`, probes): no client request may
+/// use one, whatever its permissions.
+pub const RESERVED_PREFIX: &str = "__";
+
+/// Refuses a reserved channel name.
+pub fn reject_reserved(name: &str) -> Result<(), &'static str> {
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err("channel names starting with `__` are reserved");
     }
     Ok(())
 }
@@ -251,6 +278,9 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// Set when the server ended the subscription (`forbidden` after a refresh).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
     },
     Published {
         channel: &'a str,
@@ -267,6 +297,11 @@ pub enum Reply<'a> {
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+    },
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        exp: u64,
     },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -386,6 +421,38 @@ mod tests {
         assert_eq!(
             reject(r#"{"type":"subscribe","channel":"a b"}"#).0,
             ErrorCode::InvalidChannel
+        );
+    }
+
+    #[test]
+    fn reserved_names_are_invalid_channels_for_every_command() {
+        for text in [
+            r#"{"type":"subscribe","channel":"__control","id":1}"#,
+            r#"{"type":"unsubscribe","channel":"__x","id":1}"#,
+            r#"{"type":"publish","channel":"__control","data":1,"id":1}"#,
+            r#"{"type":"presence","channel":"__","id":1}"#,
+        ] {
+            assert_eq!(
+                reject(text),
+                (ErrorCode::InvalidChannel, Some("1".into())),
+                "{text}"
+            );
+        }
+        assert!(parse_request(r#"{"type":"subscribe","channel":"_x"}"#).is_ok());
+        assert!(parse_request(r#"{"type":"subscribe","channel":"a__b"}"#).is_ok());
+    }
+
+    #[test]
+    fn refresh_needs_a_string_token() {
+        let r = parse_request(r#"{"type":"refresh","token":"a.b.c","id":6}"#).unwrap();
+        assert!(matches!(r.command, Command::Refresh { token } if token == "a.b.c"));
+        assert_eq!(
+            reject(r#"{"type":"refresh","id":6}"#),
+            (ErrorCode::BadRequest, Some("6".into()))
+        );
+        assert_eq!(
+            reject(r#"{"type":"refresh","token":5,"id":6}"#),
+            (ErrorCode::BadRequest, Some("6".into()))
         );
     }
 

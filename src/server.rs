@@ -8,8 +8,10 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,9 +19,8 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::http;
 use crate::node::Node;
+use crate::tls;
 
-/// Time a client gets to send its request headers (slowloris bound).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections the kernel may queue before `accept`.
 const LISTEN_BACKLOG: u32 = 4096;
 /// Time a plain HTTP connection gets to finish its request once the node stops.
@@ -31,6 +32,7 @@ pub struct Server {
     local_addr: SocketAddr,
     node: Arc<Node>,
     config: Config,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Server {
@@ -39,6 +41,10 @@ impl Server {
     /// With `listen` on port 0 the OS picks a free port: read it with [`Server::local_addr`].
     pub async fn bind(config: Config) -> Result<Server, Error> {
         config.validate()?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let bind_error = |source| Error::Bind {
             addr: config.listen,
             source,
@@ -51,6 +57,7 @@ impl Server {
             local_addr,
             node,
             config,
+            tls,
         })
     }
 
@@ -73,16 +80,37 @@ impl Server {
             local_addr,
             node,
             config,
+            tls,
         } = self;
         tracing::info!(
             addr = %local_addr,
             node = %node.id,
             broker = if config.redis_url.is_some() { "redis" } else { "memory" },
+            auth = %node.auth.mode(),
+            tls = tls.is_some(),
             "listening on {local_addr}"
         );
+        if config.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            tracing::warn!(
+                "PUBGATE_JWT_SECRET is shorter than 32 bytes: HS256 secrets that short can be \
+                 brute-forced from one token"
+            );
+        }
+        if node.auth.verifier().is_none() {
+            tracing::warn!(
+                "no PUBGATE_JWT_SECRET or PUBGATE_JWT_PUBLIC_KEY_FILE: connections are anonymous \
+                 and every channel is open to everyone"
+            );
+        }
         let sessions = TaskTracker::new();
         let http_stop = CancellationToken::new();
-        let accept = accept_loop(listener, node.clone(), sessions.clone(), http_stop.clone());
+        let accept = accept_loop(
+            listener,
+            node.clone(),
+            sessions.clone(),
+            http_stop.clone(),
+            tls,
+        );
         tokio::pin!(accept);
 
         tokio::select! {
@@ -139,13 +167,14 @@ async fn accept_loop(
     node: Arc<Node>,
     sessions: TaskTracker,
     http_stop: CancellationToken,
+    tls: Option<TlsAcceptor>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
                 backoff = Duration::from_millis(5);
-                stream
+                accepted
             }
             Err(e) => {
                 // Typically out of file descriptors: wait for some to be released.
@@ -159,25 +188,56 @@ async fn accept_loop(
         let node = node.clone();
         let sessions = sessions.clone();
         let http_stop = http_stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| http::handle(req, node.clone(), sessions.clone()));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "http connection error");
-                    }
-                }
-                _ = http_stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
-                }
-            }
+            let Some(tls) = tls else {
+                return serve_http(stream, peer, node, sessions, http_stop).await;
+            };
+            let handshake = tokio::time::timeout(node.limits.handshake_timeout, tls.accept(stream));
+            let stream = tokio::select! {
+                result = handshake => match result {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(error = %e, "tls handshake failed"),
+                    Err(_) => return tracing::debug!("tls handshake timed out"),
+                },
+                _ = http_stop.cancelled() => return,
+            };
+            serve_http(stream, peer, node, sessions, http_stop).await
         });
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one accepted connection, plain or TLS.
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    sessions: TaskTracker,
+    http_stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = node.limits.handshake_timeout;
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        // For the one log line of a refused upgrade.
+        req.extensions_mut().insert(http::Peer(peer));
+        http::handle(req, node.clone(), sessions.clone())
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection error");
+            }
+        }
+        _ = http_stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, conn).await;
+        }
     }
 }

@@ -592,18 +592,20 @@ async fn node_is_subscribed_on_redis_exactly_when_it_has_local_subscribers() {
         "one per node with subscribers"
     );
 
-    // Only the channel itself: no global bus that every node receives everything on.
+    // Only the channel itself: no global bus that every node receives everything on. The
+    // control channel carries only backends' rare disconnects (contract v1.1).
+    let control = c.full("__control");
     let ours: Vec<String> = c
         .redis
         .channels(&format!("{}*", c.prefix))
         .await
         .into_iter()
-        .filter(|ch| !ch.contains(&a.node_id) && !ch.contains(&b.node_id))
+        .filter(|ch| !ch.contains(&a.node_id) && !ch.contains(&b.node_id) && *ch != control)
         .collect();
     assert_eq!(
         ours,
         vec![full.clone()],
-        "Redis channels under the prefix (probes aside)"
+        "Redis channels under the prefix (probes and control aside)"
     );
 
     c1.send(json!({"type":"unsubscribe","channel":"news","id":1}))

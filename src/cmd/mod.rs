@@ -5,6 +5,7 @@
 
 mod presence;
 mod publish;
+mod refresh;
 mod subscribe;
 mod unsubscribe;
 
@@ -12,7 +13,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
 
+use crate::auth::{expiry, Identity, Permissions};
 use crate::conn::Outbox;
 use crate::error::BrokerError;
 use crate::node::Node;
@@ -24,14 +28,29 @@ pub struct Session {
     pub outbox: Arc<Outbox>,
     /// Channels this connection is subscribed to.
     pub channels: HashSet<String>,
+    /// The token's `sub`; `None` when anonymous.
+    pub user: Option<String>,
+    /// What the connection may do; replaced by a refresh.
+    pub permissions: Permissions,
+    /// Re-arms the expiry timer (authenticated connections only).
+    pub expiry: Option<watch::Sender<u64>>,
 }
 
 impl Session {
-    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>) -> Self {
+    /// Starts a session: registers an authenticated connection in the node's user index and
+    /// starts its expiry timer.
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, identity: Identity) -> Self {
+        if let Some(user) = &identity.user {
+            node.users.insert(user, &outbox);
+        }
+        let expiry = identity.exp.map(|exp| expiry::watch(outbox.clone(), exp));
         Session {
             node,
             outbox,
             channels: HashSet::new(),
+            user: identity.user,
+            permissions: identity.permissions,
+            expiry,
         }
     }
 
@@ -51,6 +70,7 @@ impl Session {
                     }
                     Command::Presence { channel } => presence::apply(self, id, &channel).await,
                     Command::Ping => Ok(Reply::Pong { id }.encode()),
+                    Command::Refresh { token } => refresh::apply(self, id, &token).await,
                 }
             }
         };
@@ -66,6 +86,20 @@ impl Session {
         ))
     }
 
+    /// The reply to a message over the rate limit (not executed). The request id is echoed when
+    /// the text is a request that has one.
+    pub fn rate_limited(&self, text: Option<&str>) -> Bytes {
+        let id = text.and_then(|t| match parse_request(t) {
+            Ok(request) => request.id,
+            Err(rejection) => rejection.id,
+        });
+        self.reject(&Rejection::new(
+            id,
+            ErrorCode::RateLimited,
+            "rate limit exceeded: message not executed",
+        ))
+    }
+
     fn reject(&self, rejection: &Rejection<'_>) -> Bytes {
         self.node
             .metrics
@@ -77,9 +111,21 @@ impl Session {
 
     /// Leaves every channel; called once when the connection has closed.
     pub async fn end(self) {
+        if let Some(user) = &self.user {
+            self.node.users.remove(user, self.outbox.key);
+        }
         let channels: Vec<String> = self.channels.into_iter().collect();
         self.node.disconnect(&self.outbox, &channels).await;
     }
+}
+
+/// The `forbidden` rejection of a request its permissions do not cover.
+fn forbidden<'a>(id: Option<&'a RawValue>, what: &str, channel: &str) -> Rejection<'a> {
+    Rejection::new(
+        id,
+        ErrorCode::Forbidden,
+        format!("not permitted to {what} `{channel}`"),
+    )
 }
 
 /// The `unavailable` rejection for a broker or presence failure.

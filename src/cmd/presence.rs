@@ -1,9 +1,10 @@
-//! `presence`: every connection subscribed to the channel, on every node.
+//! `presence`: every connection subscribed to the channel, on every node. Needs subscribe
+//! permission on the channel (whoever may not listen may not see who listens either).
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{unavailable, Session};
+use super::{forbidden, unavailable, Session};
 use crate::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -11,6 +12,9 @@ pub async fn apply<'a>(
     id: Option<&'a RawValue>,
     channel: &str,
 ) -> Result<Bytes, Rejection<'a>> {
+    if !session.permissions.can_subscribe(channel) {
+        return Err(forbidden(id, "query presence of", channel));
+    }
     let members = session
         .node
         .presence(channel)

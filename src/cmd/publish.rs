@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{unavailable, Session};
+use super::{forbidden, unavailable, Session};
 use crate::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -12,6 +12,9 @@ pub async fn apply<'a>(
     channel: &str,
     data: &RawValue,
 ) -> Result<Bytes, Rejection<'a>> {
+    if !session.permissions.can_publish(channel) {
+        return Err(forbidden(id, "publish to", channel));
+    }
     session
         .node
         .publish(channel, data.get())

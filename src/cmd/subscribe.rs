@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{unavailable, Session};
+use super::{forbidden, unavailable, Session};
 use crate::protocol::{ErrorCode, Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -11,6 +11,9 @@ pub async fn apply<'a>(
     id: Option<&'a RawValue>,
     channel: &str,
 ) -> Result<Bytes, Rejection<'a>> {
+    if !session.permissions.can_subscribe(channel) {
+        return Err(forbidden(id, "subscribe to", channel));
+    }
     if !session.channels.contains(channel) {
         let limit = session.node.limits.max_subscriptions;
         if session.channels.len() >= limit {

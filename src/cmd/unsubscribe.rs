@@ -21,5 +21,10 @@ pub async fn apply<'a>(
     session.node.unsubscribe(&session.outbox, channel).await;
     // Forgotten last: if the connection ends meanwhile, the session's cleanup finishes the job.
     session.channels.remove(channel);
-    Ok(Reply::Unsubscribed { channel, id }.encode())
+    Ok(Reply::Unsubscribed {
+        channel,
+        id,
+        reason: None,
+    }
+    .encode())
 }

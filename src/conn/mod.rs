@@ -9,6 +9,7 @@
 
 pub(crate) mod frame;
 mod outbox;
+mod rate;
 mod reader;
 mod writer;
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::Identity;
 use crate::cmd::Session;
 use crate::node::Node;
 use crate::presence::Member;
@@ -57,20 +59,22 @@ impl Liveness {
     }
 }
 
-/// Serves one upgraded WebSocket until it is closed.
-pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>) {
+/// Serves one upgraded WebSocket of `identity` until it is closed.
+pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>, identity: Identity) {
     let conn_id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("conn", conn_id = %conn_id);
-    serve_inner(ws, node, conn_id).instrument(span).await
+    serve_inner(ws, node, conn_id, identity)
+        .instrument(span)
+        .await
 }
 
-async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
+async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identity: Identity) {
     let limits = node.limits.clone();
     let metrics = node.metrics.clone();
     let member = Member {
         conn_id,
         node: node.id.clone(),
-        user: None,
+        user: identity.user.clone(),
     };
     let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.send_queue));
     node.drain.register(&outbox);
@@ -92,7 +96,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String) {
         fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
-    let mut session = Session::new(node.clone(), outbox.clone());
+    let mut session = Session::new(node.clone(), outbox.clone(), identity);
     {
         let reader = reader::run(read, &mut session, &liveness, &peer_closed);
         let writer = writer::run(write_half, &outbox, &liveness, &peer_closed, &node);

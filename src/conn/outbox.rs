@@ -35,6 +35,12 @@ pub enum CloseReason {
     InvalidUtf8,
     /// A malformed frame: 1002.
     Protocol,
+    /// The token reached its `exp` without a refresh: 1008.
+    TokenExpired,
+    /// A backend's `__control` disconnect for the connection's user: 1008.
+    Disconnected,
+    /// More than twice the rate limit in each of 5 consecutive seconds: 1008.
+    Flood,
     /// The client closed: echo its close payload (empty when it sent none).
     Echo(Bytes),
     /// The peer is gone (EOF, reset): no close frame can be sent.
@@ -51,6 +57,9 @@ impl CloseReason {
             CloseReason::TooBig => Some((1009, "message too big")),
             CloseReason::InvalidUtf8 => Some((1007, "invalid utf-8")),
             CloseReason::Protocol => Some((1002, "protocol error")),
+            CloseReason::TokenExpired => Some((1008, "token expired")),
+            CloseReason::Disconnected => Some((1008, "disconnected")),
+            CloseReason::Flood => Some((1008, "rate limit exceeded")),
             CloseReason::Echo(_) | CloseReason::Gone => None,
         }
     }
@@ -64,6 +73,9 @@ impl CloseReason {
             CloseReason::TooBig => Some("message_too_big"),
             CloseReason::InvalidUtf8 => Some("invalid_utf8"),
             CloseReason::Protocol => Some("protocol_error"),
+            CloseReason::TokenExpired => Some("token_expired"),
+            CloseReason::Disconnected => Some("control"),
+            CloseReason::Flood => Some("flood"),
             CloseReason::Echo(_) | CloseReason::Gone => None,
         }
     }
@@ -95,6 +107,8 @@ pub struct Outbox {
     ready: Notify,
     /// Wakes a reply waiting for room once the writer has taken the queue, or on close.
     room: Notify,
+    /// Wakes everything waiting in [`Outbox::closing`] (the writer's deadlines, expiry timers).
+    closed_wake: Notify,
     /// Set by [`Outbox::close`]; read on every push and writer wake-up.
     closed: AtomicBool,
     /// The first reason given wins.
@@ -110,6 +124,7 @@ impl Outbox {
             capacity,
             ready: Notify::new(),
             room: Notify::new(),
+            closed_wake: Notify::new(),
             closed: AtomicBool::new(false),
             reason: OnceLock::new(),
         }
@@ -185,6 +200,7 @@ impl Outbox {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
         self.room.notify_waiters();
+        self.closed_wake.notify_waiters();
     }
 
     /// Whether the connection is closing.
@@ -192,11 +208,17 @@ impl Outbox {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Resolves once the connection starts closing. For the writer only: it shares the writer's
-    /// wake-ups, so the writer re-checks its queue after using it.
+    /// Resolves once the connection starts closing.
     pub async fn closing(&self) {
-        while !self.is_closing() {
-            self.ready.notified().await;
+        loop {
+            let closed = self.closed_wake.notified();
+            tokio::pin!(closed);
+            // Registered before the check, so a close right after it is not missed.
+            closed.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            closed.await;
         }
     }
 
@@ -208,5 +230,84 @@ impl Outbox {
     // A poisoned lock means a panic while pushing or swapping; the deque is still whole.
     fn lock(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn outbox(capacity: usize) -> Arc<Outbox> {
+        let member = Member {
+            conn_id: "c".into(),
+            node: "n".into(),
+            user: None,
+        };
+        Arc::new(Outbox::new(1, member, capacity))
+    }
+
+    async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
+        tokio::time::timeout(Duration::from_millis(200), f)
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_connection_as_a_slow_consumer() {
+        let o = outbox(2);
+        assert_eq!(o.try_push(Bytes::from_static(b"1")), Push::Queued);
+        assert_eq!(o.try_push(Bytes::from_static(b"2")), Push::Queued);
+        assert_eq!(o.try_push(Bytes::from_static(b"3")), Push::Full);
+        assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+        assert_eq!(o.try_push(Bytes::from_static(b"4")), Push::Closed);
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        assert_eq!(taken, [&b"1"[..], b"2"]);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_close_does_not_take_the_writers_wake_up() {
+        let o = outbox(4);
+        let watcher = tokio::spawn({
+            let o = o.clone();
+            async move { o.closing().await }
+        });
+        tokio::task::yield_now().await;
+        o.try_push(Bytes::from_static(b"x"));
+        assert!(
+            within(o.ready()).await.is_some(),
+            "the writer was not woken"
+        );
+        assert!(!watcher.is_finished());
+        o.close(CloseReason::Shutdown);
+        assert!(
+            within(watcher).await.is_some(),
+            "the watcher missed the close"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_room_and_gives_up_on_close() {
+        let o = outbox(1);
+        assert!(o.push(Bytes::from_static(b"1")).await);
+        let blocked = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(Bytes::from_static(b"2")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        assert_eq!(within(blocked).await.map(Result::unwrap), Some(true));
+        let blocked = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(Bytes::from_static(b"3")).await }
+        });
+        tokio::task::yield_now().await;
+        o.close(CloseReason::Shutdown);
+        assert_eq!(within(blocked).await.map(Result::unwrap), Some(false));
     }
 }

@@ -12,6 +12,7 @@ use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::ReadHalf;
 use tokio_util::sync::CancellationToken;
 
+use super::rate::{MessageRate, Verdict};
 use super::{frame, CloseReason, Io, Liveness};
 use crate::cmd::Session;
 
@@ -34,6 +35,8 @@ pub async fn run(
     // fastwebsockets rejects a frame whose length is >= its limit; ours is inclusive.
     ws.set_max_message_size(max.saturating_add(1));
     let mut partial: Option<Partial> = None;
+    let limits = &session.node.limits;
+    let mut rate = MessageRate::new(limits.rate_limit, limits.rate_burst);
     let mut no_obligations = |_| async { Ok::<(), Infallible>(()) };
     loop {
         let mut frame = match ws.read_frame(&mut no_obligations).await {
@@ -80,7 +83,7 @@ pub async fn run(
                 None
             }
             OpCode::Text | OpCode::Binary => {
-                handle_message(session, frame.opcode, &frame.payload).await
+                limited(session, &mut rate, frame.opcode, &frame.payload).await
             }
             OpCode::Continuation => match partial.as_mut() {
                 None => Some(CloseReason::Protocol),
@@ -89,7 +92,7 @@ pub async fn run(
                     p.data.extend_from_slice(&frame.payload);
                     if frame.fin {
                         let Partial { opcode, data } = partial.take().expect("checked above");
-                        handle_message(session, opcode, &data).await
+                        limited(session, &mut rate, opcode, &data).await
                     } else {
                         None
                     }
@@ -101,6 +104,34 @@ pub async fn run(
         }
     }
     peer_closed.cancel();
+}
+
+/// Counts one complete data message against the rate limit, then executes it, answers
+/// `rate_limited`, or closes a flood.
+async fn limited(
+    session: &mut Session,
+    rate: &mut MessageRate,
+    opcode: OpCode,
+    data: &[u8],
+) -> Option<CloseReason> {
+    match rate.check() {
+        Verdict::Allow => handle_message(session, opcode, data).await,
+        Verdict::Flood => {
+            tracing::info!("closing a connection that floods messages");
+            Some(CloseReason::Flood)
+        }
+        Verdict::Limited { first } => {
+            if first {
+                tracing::info!("connection rate limited");
+            }
+            let text = (opcode == OpCode::Text)
+                .then(|| std::str::from_utf8(data).ok())
+                .flatten();
+            let reply = session.rate_limited(text);
+            session.outbox.push(reply).await;
+            None
+        }
+    }
 }
 
 /// Executes one complete message; `Some` when it must close the connection.

@@ -82,8 +82,8 @@ async fn serve(
         if outbox.is_closing() {
             return Ok(());
         }
-        // Taken again after every write: frames queued meanwhile may have no wake-up of their
-        // own (a closing deadline inside `bounded` shares the writer's wake-ups).
+        // Taken again after every write, before waiting: frames queued meanwhile are written
+        // at once, whether or not their wake-up is still pending.
         outbox.take(&mut batch);
         if !batch.is_empty() {
             bounded(outbox, grace, write_frames(sink, &mut batch)).await?;

@@ -6,6 +6,7 @@
 
 pub mod raw;
 pub mod redis;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,6 +36,9 @@ pub fn test_config() -> Config {
         shutdown_timeout: Duration::from_secs(5),
         broker_probe_interval: Duration::from_millis(500),
         presence_ttl: Duration::from_secs(3),
+        // The suites that predate v1.1 send faster than the default 100/s; tests/limits.rs sets
+        // the rate limit it exercises.
+        rate_limit: 0,
         ..Config::default()
     }
 }
@@ -163,10 +169,29 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        Self::connect_request(url.into_client_request().unwrap()).await
+    }
+
+    /// Connects with `Authorization: Bearer <token>`.
+    pub async fn connect_bearer(url: &str, token: &str) -> Client {
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        Self::connect_request(request).await
+    }
+
+    /// Connects with a prepared request (extra headers) and reads the welcome.
+    pub async fn connect_request(request: Request) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
             .expect("connect within the wait")
             .expect("upgrade succeeds");
+        Self::welcomed(ws).await
+    }
+
+    /// Wraps an open WebSocket and reads the welcome.
+    pub async fn welcomed(ws: Ws) -> Client {
         let mut client = Client {
             ws,
             welcome: Value::Null,
