@@ -106,7 +106,9 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identi
             _ = &mut writer => {}
         }
     }
-    session.end().await;
+    // Boxed: the leave-every-channel path runs once, and inline its state would sit in every
+    // idle connection's task for the connection's whole life.
+    Box::pin(session.end()).await;
     node.drain.unregister(outbox.key);
     metrics.connections.dec();
     tracing::debug!(reason = ?outbox.close_reason(), "disconnected");
