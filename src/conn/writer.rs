@@ -82,19 +82,18 @@ async fn serve(
         if outbox.is_closing() {
             return Ok(());
         }
-        // Taken again after every write, before waiting: frames queued meanwhile are written
-        // at once, whether or not their wake-up is still pending.
         outbox.take(&mut batch);
         if !batch.is_empty() {
             bounded(outbox, grace, write_frames(sink, &mut batch)).await?;
             if batch.capacity() > KEEP_SLOTS {
                 batch.shrink_to(KEEP_SLOTS);
             }
-            continue;
         }
+        // Timers first: they are ready only when due, and a connection that always has frames
+        // queued must still ping and still notice a silent peer. Frames queued during the
+        // write have left a wake-up, so `ready` returns at once for them.
         tokio::select! {
             biased;
-            _ = outbox.ready() => {}
             _ = ping.tick() => {
                 bounded(outbox, grace, sink.write_all(&PING_FRAME)).await?;
             }
@@ -106,6 +105,7 @@ async fn serve(
                 }
                 idle.as_mut().reset(deadline);
             }
+            _ = outbox.ready() => {}
         }
     }
 }
