@@ -1,4 +1,6 @@
-//! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`; 404 otherwise.
+//! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`; 404 otherwise. A build with the
+//! `autobahn` feature also has `/echo`: the same upgrade and connection code in echo mode, for
+//! the Autobahn TestSuite (`.ci/autobahn.sh`); the product binary has no such route.
 //!
 //! The service never returns an error: hyper aborts a connection whose service fails, and a
 //! client deserves a status code rather than a dropped socket. Upgrades are refused, before any
@@ -36,7 +38,9 @@ pub async fn handle(
     let path = req.uri().path();
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     Ok(match path {
-        "/ws" if req.method() == Method::GET => upgrade(req, node, sessions),
+        "/ws" if req.method() == Method::GET => upgrade(req, node, sessions, conn::Mode::Gateway),
+        #[cfg(feature = "autobahn")]
+        "/echo" if req.method() == Method::GET => upgrade(req, node, sessions, conn::Mode::Echo),
         "/healthz" if get => text(StatusCode::OK, "ok\n"),
         "/readyz" if get => match node.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -62,7 +66,12 @@ pub async fn handle(
 }
 
 /// Answers a `GET /ws`: refusals in the contract's order, then the 101 and a session task.
-fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Response<Body> {
+fn upgrade(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    sessions: TaskTracker,
+    mode: conn::Mode,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut response = text(
             StatusCode::UPGRADE_REQUIRED,
@@ -141,7 +150,7 @@ fn upgrade(req: Request<Incoming>, node: Arc<Node>, sessions: TaskTracker) -> Re
                 match upgraded.await {
                     Ok(ws) => drop(tracker.spawn(async move {
                         let _slot = slot;
-                        conn::serve(ws, node, identity).await
+                        conn::serve(ws, node, identity, mode).await
                     })),
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }

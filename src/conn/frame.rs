@@ -9,6 +9,8 @@ use bytes::Bytes;
 
 const FIN: u8 = 0x80;
 const TEXT: u8 = 0x1;
+#[cfg(any(test, feature = "autobahn"))]
+const BINARY: u8 = 0x2;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
@@ -24,6 +26,15 @@ pub fn text(capacity: usize, build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     buf.resize(MAX_HEADER, 0);
     build(&mut buf);
     finish(buf, TEXT)
+}
+
+/// A binary frame carrying `payload` (the Autobahn echo endpoint's; pubgate itself sends text).
+#[cfg(any(test, feature = "autobahn"))]
+pub fn binary(payload: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(MAX_HEADER + payload.len());
+    buf.resize(MAX_HEADER, 0);
+    buf.extend_from_slice(payload);
+    finish(buf, BINARY)
 }
 
 /// A Pong echoing a client Ping's payload (at most 125 bytes, checked by the reader).
@@ -102,6 +113,15 @@ mod tests {
         assert_eq!(&f[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
         assert_eq!(f.len(), 65546);
         assert!(f[10..].iter().all(|&b| b == b'a'));
+    }
+
+    #[test]
+    fn binary_frames() {
+        assert_eq!(&binary(b"")[..], &[0x82, 0]);
+        assert_eq!(&binary(&[0xFF; 3])[..], &[0x82, 3, 0xFF, 0xFF, 0xFF]);
+        let f = binary(&[7; 70000]);
+        assert_eq!(&f[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(f.len(), 70010);
     }
 
     #[test]

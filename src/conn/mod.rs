@@ -59,16 +59,33 @@ impl Liveness {
     }
 }
 
+/// What a connection does with each complete data message from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Executes it as a pubgate command (the product; the only mode of a default build).
+    Gateway,
+    /// Sends it back with its opcode, and sends no welcome: the endpoint the Autobahn TestSuite
+    /// is run against, so that the suite tests exactly this connection code.
+    #[cfg(feature = "autobahn")]
+    Echo,
+}
+
 /// Serves one upgraded WebSocket of `identity` until it is closed.
-pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>, identity: Identity) {
+pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>, identity: Identity, mode: Mode) {
     let conn_id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("conn", conn_id = %conn_id);
-    serve_inner(ws, node, conn_id, identity)
+    serve_inner(ws, node, conn_id, identity, mode)
         .instrument(span)
         .await
 }
 
-async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identity: Identity) {
+async fn serve_inner(
+    ws: WebSocket<Io>,
+    node: Arc<Node>,
+    conn_id: String,
+    identity: Identity,
+    mode: Mode,
+) {
     let limits = node.limits.clone();
     let metrics = node.metrics.clone();
     let member = Member {
@@ -82,12 +99,14 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identi
     metrics.connections_total.inc();
     tracing::debug!("connected");
 
-    let welcome = Reply::Welcome {
-        conn_id: outbox.conn_id(),
-        node: &node.id,
-        ping_interval_ms: limits.ping_interval.as_millis() as u64,
-    };
-    outbox.try_push(welcome.encode());
+    if mode == Mode::Gateway {
+        let welcome = Reply::Welcome {
+            conn_id: outbox.conn_id(),
+            node: &node.id,
+            ping_interval_ms: limits.ping_interval.as_millis() as u64,
+        };
+        outbox.try_push(welcome.encode());
+    }
 
     // fastwebsockets reads; the writer writes the raw half (its frames are pre-encoded), so the
     // library's own write half is never used.
@@ -98,7 +117,7 @@ async fn serve_inner(ws: WebSocket<Io>, node: Arc<Node>, conn_id: String, identi
     let peer_closed = CancellationToken::new();
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     {
-        let reader = reader::run(read, &mut session, &liveness, &peer_closed);
+        let reader = reader::run(read, &mut session, mode, &liveness, &peer_closed);
         let writer = writer::run(write_half, &outbox, &liveness, &peer_closed, &node);
         tokio::pin!(reader, writer);
         tokio::select! {

@@ -13,18 +13,51 @@ use tokio::io::ReadHalf;
 use tokio_util::sync::CancellationToken;
 
 use super::rate::{MessageRate, Verdict};
-use super::{frame, CloseReason, Io, Liveness};
+use super::{frame, CloseReason, Io, Liveness, Mode};
 use crate::cmd::Session;
 
 /// A fragmented message being reassembled.
 struct Partial {
     opcode: OpCode,
     data: Vec<u8>,
+    /// For text: the length of the prefix of `data` already checked as UTF-8.
+    valid: usize,
+}
+
+impl Partial {
+    fn new(opcode: OpCode, first: &[u8]) -> Partial {
+        Partial {
+            opcode,
+            data: first.to_vec(),
+            valid: 0,
+        }
+    }
+
+    /// Whether a text message can still be (`fin`: is) valid UTF-8, checking only the bytes
+    /// added since the last call. Invalid text fails on the fragment that makes it invalid
+    /// (RFC 6455 8.1), not when the message completes; a sequence cut between two fragments is
+    /// valid so far.
+    fn utf8_ok(&mut self, fin: bool) -> bool {
+        if self.opcode != OpCode::Text {
+            return true;
+        }
+        match std::str::from_utf8(&self.data[self.valid..]) {
+            Ok(_) => {
+                self.valid = self.data.len();
+                true
+            }
+            Err(e) => {
+                self.valid += e.valid_up_to();
+                !fin && e.error_len().is_none()
+            }
+        }
+    }
 }
 
 pub async fn run(
     mut ws: WebSocketRead<ReadHalf<Io>>,
     session: &mut Session,
+    mode: Mode,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
 ) {
@@ -76,23 +109,22 @@ pub async fn run(
             }
             OpCode::Text | OpCode::Binary if partial.is_some() => Some(CloseReason::Protocol),
             OpCode::Text | OpCode::Binary if !frame.fin => {
-                partial = Some(Partial {
-                    opcode: frame.opcode,
-                    data: frame.payload.to_vec(),
-                });
-                None
+                let p = partial.insert(Partial::new(frame.opcode, &frame.payload));
+                (!p.utf8_ok(false)).then_some(CloseReason::InvalidUtf8)
             }
             OpCode::Text | OpCode::Binary => {
-                limited(session, &mut rate, frame.opcode, &frame.payload).await
+                limited(session, &mut rate, mode, frame.opcode, &frame.payload).await
             }
             OpCode::Continuation => match partial.as_mut() {
                 None => Some(CloseReason::Protocol),
                 Some(p) if p.data.len() + frame.payload.len() > max => Some(CloseReason::TooBig),
                 Some(p) => {
                     p.data.extend_from_slice(&frame.payload);
-                    if frame.fin {
-                        let Partial { opcode, data } = partial.take().expect("checked above");
-                        limited(session, &mut rate, opcode, &data).await
+                    if !p.utf8_ok(frame.fin) {
+                        Some(CloseReason::InvalidUtf8)
+                    } else if frame.fin {
+                        let Partial { opcode, data, .. } = partial.take().expect("checked above");
+                        limited(session, &mut rate, mode, opcode, &data).await
                     } else {
                         None
                     }
@@ -111,11 +143,16 @@ pub async fn run(
 async fn limited(
     session: &mut Session,
     rate: &mut MessageRate,
+    mode: Mode,
     opcode: OpCode,
     data: &[u8],
 ) -> Option<CloseReason> {
     match rate.check() {
-        Verdict::Allow => handle_message(session, opcode, data).await,
+        Verdict::Allow => match mode {
+            Mode::Gateway => handle_message(session, opcode, data).await,
+            #[cfg(feature = "autobahn")]
+            Mode::Echo => echo(session, opcode, data).await,
+        },
         Verdict::Flood => {
             tracing::info!("closing a connection that floods messages");
             Some(CloseReason::Flood)
@@ -146,6 +183,20 @@ async fn handle_message(session: &mut Session, opcode: OpCode, data: &[u8]) -> O
         Box::pin(session.execute(text)).await
     };
     session.outbox.push(reply).await;
+    None
+}
+
+/// Sends one complete message back with its opcode (the Autobahn endpoint's [`Mode::Echo`]).
+#[cfg(feature = "autobahn")]
+async fn echo(session: &Session, opcode: OpCode, data: &[u8]) -> Option<CloseReason> {
+    let frame = if opcode == OpCode::Binary {
+        frame::binary(data)
+    } else if std::str::from_utf8(data).is_ok() {
+        frame::text(data.len(), |b| b.extend_from_slice(data))
+    } else {
+        return Some(CloseReason::InvalidUtf8);
+    };
+    session.outbox.push(frame).await;
     None
 }
 
@@ -202,6 +253,27 @@ mod tests {
         assert_eq!(code(WebSocketError::ControlFrameFragmented), Some(1002));
         assert_eq!(code(WebSocketError::PingFrameTooLarge), Some(1002));
         assert_eq!(code(WebSocketError::UnexpectedEOF), None);
+    }
+
+    #[test]
+    fn fragmented_text_fails_on_the_fragment_that_makes_it_invalid() {
+        // "€" is E2 82 AC: cut between fragments it is valid so far.
+        let mut p = Partial::new(OpCode::Text, b"a\xE2");
+        assert!(p.utf8_ok(false));
+        p.data.extend_from_slice(b"\x82");
+        assert!(p.utf8_ok(false));
+        p.data.extend_from_slice(b"\xACb");
+        assert!(p.utf8_ok(true));
+        // A sequence still open when the message ends is invalid.
+        let mut p = Partial::new(OpCode::Text, b"a\xE2\x82");
+        assert!(p.utf8_ok(false));
+        assert!(!p.utf8_ok(true));
+        // F4 90 is already past U+10FFFF: no later fragment can make it valid.
+        let mut p = Partial::new(OpCode::Text, b"ok\xF4\x90");
+        assert!(!p.utf8_ok(false));
+        // Binary is not text.
+        let mut p = Partial::new(OpCode::Binary, b"\xFF");
+        assert!(p.utf8_ok(true));
     }
 
     #[test]

@@ -58,7 +58,21 @@ pub async fn run(
             frame::close_with(code, text)
         }
     };
-    let sent = bounded(outbox, grace, sink.write_all(&close)).await;
+    // When the client's own frames end the connection (its Close, a malformed frame), the
+    // replies to the messages it sent before are still queued: they go out ahead of the close
+    // frame (RFC 6455 5.5.1 lets an endpoint finish sending first), within the same bound.
+    let mut last = VecDeque::new();
+    if matches!(
+        reason,
+        CloseReason::Echo(_)
+            | CloseReason::Protocol
+            | CloseReason::InvalidUtf8
+            | CloseReason::TooBig
+    ) {
+        outbox.take(&mut last);
+    }
+    last.push_back(close);
+    let sent = bounded(outbox, grace, write_frames(&mut sink, &mut last)).await;
     if sent.is_ok() {
         let _ = tokio::time::timeout(CLOSE_WAIT.min(grace), peer_closed.cancelled()).await;
     }
