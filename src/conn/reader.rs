@@ -9,11 +9,11 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
-use tokio::io::ReadHalf;
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use super::rate::{MessageRate, Verdict};
-use super::{frame, CloseReason, Io, Liveness};
+use super::{frame, CloseReason, Liveness};
 use crate::cmd::Session;
 
 /// A fragmented message being reassembled.
@@ -22,8 +22,8 @@ struct Partial {
     data: Vec<u8>,
 }
 
-pub async fn run(
-    mut ws: WebSocketRead<ReadHalf<Io>>,
+pub async fn run<R: AsyncRead + Unpin>(
+    mut ws: WebSocketRead<R>,
     session: &mut Session,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
