@@ -124,9 +124,14 @@ async fn limited(
             if first {
                 tracing::info!("connection rate limited");
             }
-            let text = (opcode == OpCode::Text)
-                .then(|| std::str::from_utf8(data).ok())
-                .flatten();
+            let text = match opcode {
+                OpCode::Text => match std::str::from_utf8(data) {
+                    Ok(text) => Some(text),
+                    // Rate limited or not, invalid text fails the connection (RFC 6455 8.1).
+                    Err(_) => return Some(CloseReason::InvalidUtf8),
+                },
+                _ => None,
+            };
             let reply = session.rate_limited(text);
             session.outbox.push(reply).await;
             None
