@@ -24,6 +24,8 @@ pub mod config;
 mod conn;
 mod control;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod hub;
 pub mod metrics;

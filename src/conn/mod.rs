@@ -10,7 +10,7 @@
 pub(crate) mod frame;
 mod outbox;
 mod rate;
-mod reader;
+pub(crate) mod reader;
 mod writer;
 
 pub use outbox::{CloseReason, Outbox, Push};
@@ -42,7 +42,7 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Liveness {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),

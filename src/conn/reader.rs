@@ -9,11 +9,11 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
-use tokio::io::ReadHalf;
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use super::rate::{MessageRate, Verdict};
-use super::{frame, CloseReason, Io, Liveness, Mode};
+use super::{frame, CloseReason, Liveness, Mode};
 use crate::cmd::Session;
 
 /// A fragmented message being reassembled.
@@ -54,8 +54,8 @@ impl Partial {
     }
 }
 
-pub async fn run(
-    mut ws: WebSocketRead<ReadHalf<Io>>,
+pub async fn run<R: AsyncRead + Unpin>(
+    mut ws: WebSocketRead<R>,
     session: &mut Session,
     mode: Mode,
     liveness: &Liveness,
@@ -161,9 +161,14 @@ async fn limited(
             if first {
                 tracing::info!("connection rate limited");
             }
-            let text = (opcode == OpCode::Text)
-                .then(|| std::str::from_utf8(data).ok())
-                .flatten();
+            let text = match opcode {
+                OpCode::Text => match std::str::from_utf8(data) {
+                    Ok(text) => Some(text),
+                    // Rate limited or not, invalid text fails the connection (RFC 6455 8.1).
+                    Err(_) => return Some(CloseReason::InvalidUtf8),
+                },
+                _ => None,
+            };
             let reply = session.rate_limited(text);
             session.outbox.push(reply).await;
             None
