@@ -1,7 +1,7 @@
 //! One behaviour suite for the two seams, run against every implementation: the Broker suite
 //! against `MemoryBroker` and `RedisBroker`, the Presence suite against `MemoryPresence` and
-//! `RedisPresence`. Each behaviour is a function taking a factory; the `suite!` macro turns it
-//! into one test per implementation (`memory_broker::...`, `redis_broker::...`).
+//! `RedisPresence`. Each behaviour is a function taking a fresh fixture; the `suite!` macro turns
+//! it into one test per implementation (`memory_broker::...`, `redis_broker::...`).
 //!
 //! Redis fixtures start their own redis-server (tests/common/redis.rs) and use a random prefix.
 //! A few Redis-only behaviours (several nodes on one Redis, expiry, reconnect) follow the suites.
@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +117,16 @@ struct BrokerUnderTest {
     _redis: Option<RedisServer>,
 }
 
+impl BrokerUnderTest {
+    /// Publishes a static payload; the broker must accept it.
+    async fn publish(&self, channel: &str, payload: &'static [u8]) {
+        self.broker
+            .publish(channel, Bytes::from_static(payload))
+            .await
+            .expect("publish accepted");
+    }
+}
+
 async fn memory_broker() -> BrokerUnderTest {
     let sink = Arc::new(Collector::default());
     let broker = MemoryBroker::new(sink.clone());
@@ -187,12 +196,7 @@ async fn shutdown(fixture: BrokerUnderTest) {
 // ---------------------------------------------------------------------------------------------
 // Broker behaviours.
 
-async fn subscribe_then_publish_delivers_exact_bytes_in_order<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn subscribe_then_publish_delivers_exact_bytes_in_order(t: BrokerUnderTest) {
     assert!(t.broker.is_up(), "is_up() while running");
     t.broker.subscribe("news").await.expect("subscribe");
     let payloads: Vec<Vec<u8>> = (0..1000)
@@ -220,12 +224,7 @@ where
 
 /// `subscribe` returns only once the subscription is live: a publish issued right after it
 /// returns (on another connection, for Redis) is delivered. Fresh channels, many times.
-async fn subscribe_is_live_when_it_returns<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn subscribe_is_live_when_it_returns(t: BrokerUnderTest) {
     const N: usize = 200;
     for i in 0..N {
         let channel = format!("live{i}");
@@ -246,12 +245,7 @@ where
     shutdown(t).await;
 }
 
-async fn payloads_are_opaque_bytes<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn payloads_are_opaque_bytes(t: BrokerUnderTest) {
     t.broker.subscribe("bin").await.unwrap();
     let samples: Vec<Vec<u8>> = vec![
         b"hello".to_vec(),
@@ -272,26 +266,15 @@ where
     shutdown(t).await;
 }
 
-async fn publish_to_unsubscribed_channel_is_not_received<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn publish_to_unsubscribed_channel_is_not_received(t: BrokerUnderTest) {
     t.broker.subscribe("a").await.unwrap();
     // Publishing needs no subscription and is accepted.
     t.broker
         .publish("other", Bytes::from_static(b"nobody listens"))
         .await
         .expect("publish to a channel nobody subscribed is accepted");
-    t.broker
-        .publish("a.b", Bytes::from_static(b"similar name"))
-        .await
-        .unwrap();
-    t.broker
-        .publish("a", Bytes::from_static(b"marker"))
-        .await
-        .unwrap();
+    t.publish("a.b", b"similar name").await;
+    t.publish("a", b"marker").await;
     let before = t.sink.wait_for_marker("a", b"marker").await;
     assert!(
         before.is_empty(),
@@ -307,28 +290,14 @@ where
     shutdown(t).await;
 }
 
-async fn unsubscribe_stops_delivery<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn unsubscribe_stops_delivery(t: BrokerUnderTest) {
     t.broker.subscribe("a").await.unwrap();
     t.broker.subscribe("b").await.unwrap();
-    t.broker
-        .publish("a", Bytes::from_static(b"1"))
-        .await
-        .unwrap();
+    t.publish("a", b"1").await;
     t.sink.wait_for_marker("a", b"1").await;
     t.broker.unsubscribe("a").await.expect("unsubscribe");
-    t.broker
-        .publish("a", Bytes::from_static(b"2"))
-        .await
-        .unwrap();
-    t.broker
-        .publish("b", Bytes::from_static(b"marker"))
-        .await
-        .unwrap();
+    t.publish("a", b"2").await;
+    t.publish("b", b"marker").await;
     t.sink.wait_for_marker("b", b"marker").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let got = t.sink.snapshot();
@@ -342,36 +311,22 @@ where
     );
     // Subscribing again makes it live again.
     t.broker.subscribe("a").await.unwrap();
-    t.broker
-        .publish("a", Bytes::from_static(b"3"))
-        .await
-        .unwrap();
+    t.publish("a", b"3").await;
     t.sink.wait_for_marker("a", b"3").await;
     shutdown(t).await;
 }
 
 /// The hub counts local subscribers; the broker holds a set: subscribing twice delivers each
 /// message once, one unsubscribe ends it, unsubscribing an unknown channel is harmless.
-async fn subscribe_twice_and_unsubscribe_semantics<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn subscribe_twice_and_unsubscribe_semantics(t: BrokerUnderTest) {
     t.broker.subscribe("a").await.unwrap();
     t.broker
         .subscribe("a")
         .await
         .expect("subscribing twice is accepted");
     t.broker.subscribe("m").await.unwrap();
-    t.broker
-        .publish("a", Bytes::from_static(b"once"))
-        .await
-        .unwrap();
-    t.broker
-        .publish("m", Bytes::from_static(b"marker1"))
-        .await
-        .unwrap();
+    t.publish("a", b"once").await;
+    t.publish("m", b"marker1").await;
     t.sink.wait_for_marker("m", b"marker1").await;
     assert_eq!(
         t.sink.snapshot(),
@@ -382,14 +337,8 @@ where
         "a channel subscribed twice delivers each message once"
     );
     t.broker.unsubscribe("a").await.unwrap();
-    t.broker
-        .publish("a", Bytes::from_static(b"after"))
-        .await
-        .unwrap();
-    t.broker
-        .publish("m", Bytes::from_static(b"marker2"))
-        .await
-        .unwrap();
+    t.publish("a", b"after").await;
+    t.publish("m", b"marker2").await;
     t.sink.wait_for_marker("m", b"marker2").await;
     assert!(
         !t.sink.snapshot().iter().any(|(_, p)| p == b"after"),
@@ -403,21 +352,13 @@ where
         .unsubscribe("a")
         .await
         .expect("unsubscribing twice is harmless");
-    t.broker
-        .publish("m", Bytes::from_static(b"marker3"))
-        .await
-        .unwrap();
+    t.publish("m", b"marker3").await;
     t.sink.wait_for_marker("m", b"marker3").await;
     assert!(t.broker.is_up(), "still up after redundant calls");
     shutdown(t).await;
 }
 
-async fn many_channels_each_delivered_to_its_own_channel<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = BrokerUnderTest>,
-{
-    let t = make().await;
+async fn many_channels_each_delivered_to_its_own_channel(t: BrokerUnderTest) {
     let channels: Vec<String> = (0..300).map(|i| format!("room:{i}")).collect();
     for c in &channels {
         t.broker.subscribe(c).await.unwrap();
@@ -462,7 +403,7 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::$fixture).await;
+                    super::$name(super::$fixture().await).await;
                 }
             )*
         }
@@ -553,12 +494,7 @@ async fn list(p: &dyn Presence, channel: &str) -> Vec<Member> {
 // ---------------------------------------------------------------------------------------------
 // Presence behaviours.
 
-async fn presence_add_list_remove<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_add_list_remove(t: PresenceUnderTest) {
     let p = t.node();
     let a = member("c1", "n1", None);
     let b = member("c2", "n1", Some("alice"));
@@ -591,12 +527,7 @@ where
     );
 }
 
-async fn presence_remove_all_removes_one_connection_everywhere<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_remove_all_removes_one_connection_everywhere(t: PresenceUnderTest) {
     let p = t.node();
     let leaving = member("leaving", "n1", Some("bob"));
     let staying = member("staying", "n1", None);
@@ -622,12 +553,7 @@ where
     assert_eq!(list(&*p, "ch0").await, vec![staying.clone()]);
 }
 
-async fn presence_unknown_channel_is_empty<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_unknown_channel_is_empty(t: PresenceUnderTest) {
     let p = t.node();
     assert_eq!(list(&*p, "never-used").await, vec![]);
     p.add("used", &member("c", "n", None)).await.unwrap();
@@ -635,12 +561,7 @@ where
     assert_eq!(list(&*p, "used:sub").await, vec![], "no prefix matching");
 }
 
-async fn presence_members_of_several_nodes<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_members_of_several_nodes(t: PresenceUnderTest) {
     let node_a = t.node();
     let node_b = t.node();
     let a1 = member("a1", "node-a", None);
@@ -664,12 +585,7 @@ where
 
 /// refresh keeps members alive; with a TTL (Redis), a member that is not refreshed expires
 /// within the TTL while the refreshed ones stay.
-async fn presence_refresh_keeps_members_and_unrefreshed_expire<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_refresh_keeps_members_and_unrefreshed_expire(t: PresenceUnderTest) {
     let node_a = t.node();
     let node_b = t.node();
     let kept1 = member("kept1", "node-a", None);
@@ -759,12 +675,7 @@ where
 
 /// A refresh only keeps members that are still stored: one removed while the refresh batch was
 /// in flight does not come back as a ghost.
-async fn presence_refresh_does_not_bring_back_removed_members<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_refresh_does_not_bring_back_removed_members(t: PresenceUnderTest) {
     let p = t.node();
     let gone = member("gone", "n1", None);
     let kept = member("kept", "n1", None);
@@ -791,12 +702,7 @@ where
 
 /// restore re-adds members the store lost (Redis restarted); restoring present members keeps
 /// one entry each.
-async fn presence_restore_re_adds_members<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = PresenceUnderTest>,
-{
-    let t = make().await;
+async fn presence_restore_re_adds_members(t: PresenceUnderTest) {
     let p = t.node();
     let m1 = member("m1", "n1", None);
     let m2 = member("m2", "n1", Some("bob"));

@@ -58,15 +58,9 @@ fn split3(bytes: &[u8], a: usize, b: usize) -> [&[u8]; 3] {
 async fn a_single_frame_over_the_limit_is_closed_1009() {
     let node = small_node().await;
     for len in [MAX + 1, 5 * MAX, 70_000] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw
-            .send_raw(&masked(true, OP_TEXT, ping_of_len(len).as_bytes()))
-            .await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1009)),
-            "message of {len} bytes"
-        );
+        let message = masked(true, OP_TEXT, ping_of_len(len).as_bytes());
+        let closed = RawClient::close_after(node.addr, &[message]).await;
+        assert_eq!(closed, Closed::Frame(Some(1009)), "message of {len} bytes");
     }
     assert_node_serves(&node).await;
 }
@@ -94,38 +88,28 @@ async fn a_message_of_exactly_the_limit_is_accepted_in_one_frame_or_fragments() 
 async fn fragments_adding_up_to_more_than_the_limit_are_closed_1009() {
     let node = small_node().await;
     // 4 fragments of 400 bytes, each well under the limit, 1600 in all.
-    let mut raw = RawClient::connect(node.addr).await;
     let text = ping_of_len(1600);
-    for (i, chunk) in text.as_bytes().chunks(400).enumerate() {
-        let op = if i == 0 { OP_TEXT } else { OP_CONT };
-        // The server may close before the last fragments: ignore write errors.
-        let _ = raw.send_raw(&masked(i == 3, op, chunk)).await;
-    }
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1009)));
+    let fragments: Vec<Vec<u8>> = text
+        .as_bytes()
+        .chunks(400)
+        .enumerate()
+        .map(|(i, chunk)| masked(i == 3, if i == 0 { OP_TEXT } else { OP_CONT }, chunk))
+        .collect();
+    let closed = RawClient::close_after(node.addr, &fragments).await;
+    assert_eq!(closed, Closed::Frame(Some(1009)));
 
     // One byte over, split in two: the limit counts the whole message.
-    let mut raw = RawClient::connect(node.addr).await;
     let text = ping_of_len(MAX + 1);
     let (a, b) = text.as_bytes().split_at(MAX / 2);
-    let _ = raw.send_raw(&masked(false, OP_TEXT, a)).await;
-    let _ = raw.send_raw(&masked(true, OP_CONT, b)).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1009)));
+    let fragments = [masked(false, OP_TEXT, a), masked(true, OP_CONT, b)];
+    let closed = RawClient::close_after(node.addr, &fragments).await;
+    assert_eq!(closed, Closed::Frame(Some(1009)));
 
     // Many small fragments, never finished: closed as soon as the total passes the limit.
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&masked(false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\""))
-        .await;
-    for _ in 0..40 {
-        if raw
-            .send_raw(&masked(false, OP_CONT, &[b'x'; 100]))
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1009)));
+    let mut fragments = vec![masked(false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"")];
+    fragments.extend((0..40).map(|_| masked(false, OP_CONT, &[b'x'; 100])));
+    let closed = RawClient::close_after(node.addr, &fragments).await;
+    assert_eq!(closed, Closed::Frame(Some(1009)));
     assert_node_serves(&node).await;
 }
 
@@ -185,13 +169,8 @@ async fn invalid_utf8_in_a_single_frame_is_closed_1007() {
         b"{\"type\":\"ping\",\"id\":\"\xf4\x90\x80\x80\"}",
     ];
     for payload in cases {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw.send_raw(&masked(true, OP_TEXT, payload)).await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1007)),
-            "payload {payload:?}"
-        );
+        let closed = RawClient::close_after(node.addr, &[masked(true, OP_TEXT, payload)]).await;
+        assert_eq!(closed, Closed::Frame(Some(1007)), "payload {payload:?}");
     }
     assert_node_serves(&node).await;
 }
@@ -199,45 +178,38 @@ async fn invalid_utf8_in_a_single_frame_is_closed_1007() {
 #[tokio::test]
 async fn invalid_utf8_across_fragments_is_closed_1007() {
     let node = start_node(test_config()).await;
-
-    // A multi-byte character cut at the fragment boundary, then a byte that cannot continue it.
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&masked(false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"\xc3"))
-        .await;
-    let _ = raw.send_raw(&masked(true, OP_CONT, b"(\"}")).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1007)));
-
-    // A 4-byte character cut in the middle fragment, broken in the last.
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&masked(
-            false,
-            OP_TEXT,
-            b"{\"type\":\"ping\",\"id\":\"\xf0\x9f",
-        ))
-        .await;
-    let _ = raw.send_raw(&masked(false, OP_CONT, b"\x98")).await;
-    let _ = raw.send_raw(&masked(true, OP_CONT, b"A\"}")).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1007)));
-
-    // A message whose last fragment ends inside a UTF-8 sequence (each fragment looks fine).
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&masked(false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"ab"))
-        .await;
-    let _ = raw.send_raw(&masked(true, OP_CONT, b"cd\xe2\x82")).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1007)));
-
-    // Invalid bytes inside a later fragment, not at a boundary.
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&masked(false, OP_TEXT, b"{\"type\":\"ping\","))
-        .await;
-    let _ = raw
-        .send_raw(&masked(true, OP_CONT, b"\"id\":\"\xfe\"}"))
-        .await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1007)));
+    let cases: [&[(bool, u8, &[u8])]; 4] = [
+        // A multi-byte character cut at the fragment boundary, then a byte that cannot continue
+        // it.
+        &[
+            (false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"\xc3"),
+            (true, OP_CONT, b"(\"}"),
+        ],
+        // A 4-byte character cut in the middle fragment, broken in the last.
+        &[
+            (false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"\xf0\x9f"),
+            (false, OP_CONT, b"\x98"),
+            (true, OP_CONT, b"A\"}"),
+        ],
+        // A message whose last fragment ends inside a UTF-8 sequence (each fragment looks fine).
+        &[
+            (false, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"ab"),
+            (true, OP_CONT, b"cd\xe2\x82"),
+        ],
+        // Invalid bytes inside a later fragment, not at a boundary.
+        &[
+            (false, OP_TEXT, b"{\"type\":\"ping\","),
+            (true, OP_CONT, b"\"id\":\"\xfe\"}"),
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let fragments: Vec<Vec<u8>> = case
+            .iter()
+            .map(|&(fin, op, payload)| masked(fin, op, payload))
+            .collect();
+        let closed = RawClient::close_after(node.addr, &fragments).await;
+        assert_eq!(closed, Closed::Frame(Some(1007)), "case {i}");
+    }
     assert_node_serves(&node).await;
 }
 
@@ -289,20 +261,14 @@ async fn valid_multibyte_characters_split_across_fragments_are_accepted() {
 async fn reserved_bits_are_closed_1002() {
     let node = start_node(test_config()).await;
     for rsv in [0b100, 0b010, 0b001, 0b111] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw
-            .send_raw(&frame(true, rsv, OP_TEXT, br#"{"type":"ping"}"#, true))
-            .await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1002)),
-            "rsv bits {rsv:03b}"
-        );
+        let text = frame(true, rsv, OP_TEXT, br#"{"type":"ping"}"#, true);
+        let closed = RawClient::close_after(node.addr, &[text]).await;
+        assert_eq!(closed, Closed::Frame(Some(1002)), "rsv bits {rsv:03b}");
     }
     // On a control frame too.
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw.send_raw(&frame(true, 0b100, OP_PING, b"p", true)).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1002)));
+    let ping = frame(true, 0b100, OP_PING, b"p", true);
+    let closed = RawClient::close_after(node.addr, &[ping]).await;
+    assert_eq!(closed, Closed::Frame(Some(1002)));
     assert_node_serves(&node).await;
 }
 
@@ -310,13 +276,8 @@ async fn reserved_bits_are_closed_1002() {
 async fn reserved_opcodes_are_closed_1002() {
     let node = start_node(test_config()).await;
     for opcode in [0x3, 0x7, 0xB, 0xF] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw.send_raw(&masked(true, opcode, b"hello")).await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1002)),
-            "opcode {opcode:#x}"
-        );
+        let closed = RawClient::close_after(node.addr, &[masked(true, opcode, b"hello")]).await;
+        assert_eq!(closed, Closed::Frame(Some(1002)), "opcode {opcode:#x}");
     }
     assert_node_serves(&node).await;
 }
@@ -324,26 +285,23 @@ async fn reserved_opcodes_are_closed_1002() {
 #[tokio::test]
 async fn a_fragmented_control_frame_is_closed_1002() {
     let node = start_node(test_config()).await;
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw.send_raw(&masked(false, OP_PING, b"frag")).await;
-    let _ = raw.send_raw(&masked(true, OP_CONT, b"ment")).await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1002)));
+    let fragments = [
+        masked(false, OP_PING, b"frag"),
+        masked(true, OP_CONT, b"ment"),
+    ];
+    let closed = RawClient::close_after(node.addr, &fragments).await;
+    assert_eq!(closed, Closed::Frame(Some(1002)));
     assert_node_serves(&node).await;
 }
 
 #[tokio::test]
 async fn a_control_frame_longer_than_125_bytes_is_closed_1002() {
     let node = start_node(test_config()).await;
+    let mut payload = close_payload(1000, "");
+    payload.resize(126, b'p');
     for opcode in [OP_PING, OP_PONG, OP_CLOSE] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let mut payload = close_payload(1000, "");
-        payload.resize(126, b'p');
-        let _ = raw.send_raw(&masked(true, opcode, &payload)).await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1002)),
-            "opcode {opcode:#x}"
-        );
+        let closed = RawClient::close_after(node.addr, &[masked(true, opcode, &payload)]).await;
+        assert_eq!(closed, Closed::Frame(Some(1002)), "opcode {opcode:#x}");
     }
     assert_node_serves(&node).await;
 }
@@ -352,15 +310,9 @@ async fn a_control_frame_longer_than_125_bytes_is_closed_1002() {
 async fn a_continuation_without_a_started_message_is_closed_1002() {
     let node = start_node(test_config()).await;
     for fin in [true, false] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw
-            .send_raw(&masked(fin, OP_CONT, br#"{"type":"ping"}"#))
-            .await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1002)),
-            "fin {fin}"
-        );
+        let continuation = masked(fin, OP_CONT, br#"{"type":"ping"}"#);
+        let closed = RawClient::close_after(node.addr, &[continuation]).await;
+        assert_eq!(closed, Closed::Frame(Some(1002)), "fin {fin}");
     }
     // After a complete message, a continuation has nothing to continue either.
     let mut raw = RawClient::connect(node.addr).await;
@@ -375,18 +327,12 @@ async fn a_continuation_without_a_started_message_is_closed_1002() {
 async fn a_new_data_frame_inside_a_fragmented_message_is_closed_1002() {
     let node = start_node(test_config()).await;
     for second in [OP_TEXT, OP_BINARY] {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw
-            .send_raw(&masked(false, OP_TEXT, b"{\"type\":\"pi"))
-            .await;
-        let _ = raw
-            .send_raw(&masked(true, second, br#"{"type":"ping"}"#))
-            .await;
-        assert_eq!(
-            raw.expect_close().await,
-            Closed::Frame(Some(1002)),
-            "opcode {second}"
-        );
+        let frames = [
+            masked(false, OP_TEXT, b"{\"type\":\"pi"),
+            masked(true, second, br#"{"type":"ping"}"#),
+        ];
+        let closed = RawClient::close_after(node.addr, &frames).await;
+        assert_eq!(closed, Closed::Frame(Some(1002)), "opcode {second}");
     }
     assert_node_serves(&node).await;
 }
@@ -395,17 +341,9 @@ async fn a_new_data_frame_inside_a_fragmented_message_is_closed_1002() {
 async fn an_unmasked_client_frame_is_closed_1002() {
     // RFC 6455 section 5.1: a server MUST close the connection on an unmasked frame.
     let node = start_node(test_config()).await;
-    let mut raw = RawClient::connect(node.addr).await;
-    let _ = raw
-        .send_raw(&frame(
-            true,
-            0,
-            OP_TEXT,
-            br#"{"type":"ping","id":1}"#,
-            false,
-        ))
-        .await;
-    assert_eq!(raw.expect_close().await, Closed::Frame(Some(1002)));
+    let unmasked = frame(true, 0, OP_TEXT, br#"{"type":"ping","id":1}"#, false);
+    let closed = RawClient::close_after(node.addr, &[unmasked]).await;
+    assert_eq!(closed, Closed::Frame(Some(1002)));
     assert_node_serves(&node).await;
 }
 
@@ -420,9 +358,7 @@ async fn garbage_bytes_close_the_connection() {
         &[0xff; 64],
     ];
     for bytes in garbage {
-        let mut raw = RawClient::connect(node.addr).await;
-        let _ = raw.send_raw(bytes).await;
-        let closed = raw.expect_close().await;
+        let closed = RawClient::close_after(node.addr, &[bytes.to_vec()]).await;
         assert!(
             matches!(closed, Closed::Frame(Some(1002)) | Closed::NoFrame),
             "garbage {bytes:?}: {closed:?}"

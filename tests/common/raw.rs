@@ -134,7 +134,19 @@ pub fn upgrade_request(addr: SocketAddr) -> String {
 impl RawClient {
     /// Connects, upgrades and reads the welcome.
     pub async fn connect(addr: SocketAddr) -> RawClient {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        Self::connect_with(TcpSocket::new_v4().unwrap(), addr).await
+    }
+
+    /// Connects with a small receive buffer (for a client that stops reading), upgrades and
+    /// reads the welcome.
+    pub async fn connect_small_buffer(addr: SocketAddr, recv_buffer: u32) -> RawClient {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(recv_buffer).unwrap();
+        Self::connect_with(socket, addr).await
+    }
+
+    async fn connect_with(socket: TcpSocket, addr: SocketAddr) -> RawClient {
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
             .await
             .expect("connect within the wait")
             .expect("connect");
@@ -145,20 +157,17 @@ impl RawClient {
         client
     }
 
-    /// Connects with a small receive buffer (for a client that stops reading), upgrades and
-    /// reads the welcome.
-    pub async fn connect_small_buffer(addr: SocketAddr, recv_buffer: u32) -> RawClient {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(recv_buffer).unwrap();
-        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
-            .await
-            .expect("connect within the wait")
-            .expect("connect");
-        let mut client = Self::upgrade(stream, addr).await;
-        let welcome = client.recv_json().await;
-        assert_eq!(welcome["type"], "welcome", "first message is the welcome");
-        client.welcome = welcome;
-        client
+    /// Connects a fresh client, sends `frames` in order and returns how the server ended the
+    /// connection ([`RawClient::expect_close`]). Write errors are ignored: the server may close
+    /// before the last frame is sent.
+    pub async fn close_after(addr: SocketAddr, frames: &[Vec<u8>]) -> Closed {
+        let mut raw = Self::connect(addr).await;
+        for f in frames {
+            if raw.send_raw(f).await.is_err() {
+                break;
+            }
+        }
+        raw.expect_close().await
     }
 
     /// Sends the upgrade request and checks the 101 answer; keeps what follows it buffered.
