@@ -1,11 +1,13 @@
 //! The backend's control channel: `PUBLISH <prefix>__control '{"type":"disconnect","user":"alice"}'`.
 //!
-//! Every node subscribes `__control` on its broker at start (retrying until the broker takes it;
-//! from then on the broker restores it after every reconnect like any other channel). The
+//! Every node subscribes `__control` on its broker at start (retrying until the broker takes it,
+//! and not ready until then; from then on the broker restores it after every reconnect like any
+//! other channel). The
 //! [`Router`] is the broker's sink: it hands control messages to the user index and everything
 //! else to the hub. Clients can never reach this channel: names starting with `__` are refused
 //! before any command runs.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -54,22 +56,40 @@ impl Router {
     }
 }
 
-/// Subscribes the node to the control channel, retrying until the broker accepts it (a Redis
-/// broker refuses while it is still connecting). Stops when the node is gone.
-pub async fn subscribe(node: Weak<Node>) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let Some(node) = node.upgrade() else { return };
-        match node.broker.subscribe(CONTROL_CHANNEL).await {
-            Ok(()) => {
-                tracing::debug!("subscribed to the control channel");
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, "control channel subscribe failed; retrying"),
+/// Subscribes the node to the control channel: once now, then, if the broker refused (a Redis
+/// broker does while it is still connecting), in the background until it takes it. `/readyz`
+/// stays 503 until the subscription is live, so a node never takes clients before it can obey
+/// a disconnect for them. Once live, the broker restores it after every reconnect.
+pub async fn subscribe(node: &Arc<Node>) {
+    if !try_subscribe(node).await {
+        tokio::spawn(retry(Arc::downgrade(node)));
+    }
+}
+
+async fn try_subscribe(node: &Node) -> bool {
+    match node.broker.subscribe(CONTROL_CHANNEL).await {
+        Ok(()) => {
+            node.control_live.store(true, Ordering::Release);
+            tracing::debug!("subscribed to the control channel");
+            true
         }
-        drop(node);
+        Err(e) => {
+            tracing::debug!(error = %e, "control channel subscribe failed; retrying");
+            false
+        }
+    }
+}
+
+/// Retries with a short capped backoff (readiness waits on it); stops when the node is gone.
+async fn retry(node: Weak<Node>) {
+    let mut delay = Duration::from_millis(20);
+    loop {
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        let Some(node) = node.upgrade() else { return };
+        if try_subscribe(&node).await {
+            return;
+        }
+        delay = (delay * 2).min(Duration::from_millis(250));
     }
 }
 

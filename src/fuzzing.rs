@@ -201,10 +201,9 @@ impl Harness {
             ..Config::default()
         };
         config.validate().expect("a valid fuzzing config");
-        let node = {
-            let _context = runtime.enter();
-            Node::start(&config, "fuzz".into()).expect("a memory node")
-        };
+        let node = runtime
+            .block_on(Node::start(&config, "fuzz".into()))
+            .expect("a memory node");
         Harness { runtime, node }
     }
 }

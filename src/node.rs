@@ -6,7 +6,7 @@
 //! (indexed by channel hash), so racing clients always leave the node subscribed on the broker
 //! exactly when it has local subscribers; unrelated channels rarely share a lock.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,8 @@ pub struct Node {
     pub origins: Option<AllowedOrigins>,
     /// Authenticated connections by user, for control disconnects.
     pub users: Arc<Users>,
+    /// Set once the broker took the `__control` subscription (see [`control::subscribe`]).
+    pub(crate) control_live: AtomicBool,
     /// Admitted WebSocket connections (see [`Node::admit`]); exact, unlike the gauge, because
     /// the cap is checked against it.
     admitted: AtomicUsize,
@@ -73,7 +75,7 @@ pub struct Node {
 impl Node {
     /// Builds the node's parts: the memory broker and presence, or the Redis ones when
     /// `PUBGATE_REDIS_URL` is set (their connections are made in the background).
-    pub fn start(config: &Config, id: String) -> Result<Arc<Node>, Error> {
+    pub async fn start(config: &Config, id: String) -> Result<Arc<Node>, Error> {
         let auth = Auth::from_config(config)?;
         let origins = AllowedOrigins::parse(config.allowed_origins.as_deref())?;
         let metrics = Arc::new(Metrics::new()?);
@@ -128,11 +130,12 @@ impl Node {
             auth,
             origins,
             users,
+            control_live: AtomicBool::new(false),
             admitted: AtomicUsize::new(0),
             channel_locks: (0..CHANNEL_LOCKS).map(|_| Mutex::new(())).collect(),
             next_key: AtomicU64::new(1),
         });
-        tokio::spawn(control::subscribe(Arc::downgrade(&node)));
+        control::subscribe(&node).await;
         if config.redis_url.is_some() {
             tokio::spawn(refresh_presence(
                 Arc::downgrade(&node),
@@ -166,6 +169,8 @@ impl Node {
             Err("draining")
         } else if !self.broker.is_up() {
             Err("broker unavailable")
+        } else if !self.control_live.load(Ordering::Acquire) {
+            Err("control channel not subscribed yet")
         } else {
             Ok(())
         }

@@ -51,7 +51,7 @@ impl Server {
         };
         let listener = listen(config.listen).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
-        let node = Node::start(&config, config.resolved_node_id())?;
+        let node = Node::start(&config, config.resolved_node_id()).await?;
         Ok(Server {
             listener,
             local_addr,

@@ -60,6 +60,32 @@ async fn still_open(client: &mut Client, who: &str) {
     assert_eq!(reply, json!({"type":"pong","id":who}), "{who}");
 }
 
+/// A node is not ready before it can obey a disconnect: when `/readyz` first answers 200, Redis
+/// already counts it on the control channel. Checked at a plain start and at a start while Redis
+/// is down (the node keeps retrying until Redis comes up).
+#[tokio::test]
+async fn a_node_is_ready_only_once_it_listens_on_the_control_channel() {
+    let mut redis = RedisServer::start().await;
+    let prefix = format!("r{:08x}:", rand_u32());
+    let control = format!("{prefix}__control");
+    for round in 0..3 {
+        let node = start_node(node_config(&redis, &prefix)).await;
+        wait_ready(node.addr).await;
+        assert_eq!(redis.numsub(&control).await, 1, "round {round}");
+        node.stop().await.expect("clean stop");
+        wait_control_subscribers(&redis, &control, 0).await;
+    }
+
+    redis.kill();
+    let node = start_node(node_config(&redis, &prefix)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = http_get(node.addr, "/readyz").await;
+    assert_eq!(status, 503, "not ready while Redis is down: {body}");
+    redis.restart().await;
+    wait_ready(node.addr).await;
+    assert_eq!(redis.numsub(&control).await, 1, "after Redis came up");
+}
+
 #[tokio::test]
 async fn a_control_disconnect_closes_the_user_on_every_node() {
     let mut redis = RedisServer::start().await;
@@ -69,7 +95,8 @@ async fn a_control_disconnect_closes_the_user_on_every_node() {
     let b = start_node(node_config(&redis, &prefix)).await;
     wait_ready(a.addr).await;
     wait_ready(b.addr).await;
-    wait_control_subscribers(&redis, &control, 2).await;
+    // Ready means listening on the control channel: no wait needed.
+    assert_eq!(redis.numsub(&control).await, 2);
 
     let mut alice_a1 = login(&a, "alice").await;
     let mut alice_a2 = login(&a, "alice").await;
