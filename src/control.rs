@@ -2,10 +2,9 @@
 //!
 //! Every node subscribes `__control` on its broker at start (retrying until the broker takes it,
 //! and not ready until then; from then on the broker restores it after every reconnect like any
-//! other channel). The
-//! [`Router`] is the broker's sink: it hands control messages to the user index and everything
-//! else to the hub. Clients can never reach this channel: names starting with `__` are refused
-//! before any command runs.
+//! other channel). The [`Router`] is the broker's sink: it hands control messages to the user
+//! index and everything else to the hub. Clients can never reach this channel: names starting
+//! with `__` are refused before any command runs.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
