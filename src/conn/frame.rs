@@ -22,19 +22,20 @@ pub const PING_FRAME: Bytes = Bytes::from_static(&[FIN | PING, 0]);
 
 /// A text frame whose payload is written by `build` (which must write UTF-8).
 pub fn text(capacity: usize, build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-    let mut buf = Vec::with_capacity(MAX_HEADER + capacity);
-    buf.resize(MAX_HEADER, 0);
-    build(&mut buf);
-    finish(buf, TEXT)
+    data(TEXT, capacity, build)
 }
 
 /// A binary frame carrying `payload` (the Autobahn echo endpoint's; pubgate itself sends text).
 #[cfg(any(test, feature = "autobahn"))]
 pub fn binary(payload: &[u8]) -> Bytes {
-    let mut buf = Vec::with_capacity(MAX_HEADER + payload.len());
+    data(BINARY, payload.len(), |b| b.extend_from_slice(payload))
+}
+
+fn data(opcode: u8, capacity: usize, build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut buf = Vec::with_capacity(MAX_HEADER + capacity);
     buf.resize(MAX_HEADER, 0);
-    buf.extend_from_slice(payload);
-    finish(buf, BINARY)
+    build(&mut buf);
+    finish(buf, opcode)
 }
 
 /// A Pong echoing a client Ping's payload (at most 125 bytes, checked by the reader).

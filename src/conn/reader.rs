@@ -138,6 +138,23 @@ pub async fn run<R: AsyncRead + Unpin>(
     peer_closed.cancel();
 }
 
+/// A complete data message, its text checked as UTF-8 once.
+enum Message<'a> {
+    Text(&'a str),
+    /// The gateway refuses binary without reading it; only the Autobahn echo reads the bytes.
+    Binary(#[cfg_attr(not(feature = "autobahn"), allow(dead_code))] &'a [u8]),
+}
+
+impl<'a> Message<'a> {
+    /// `None` for text that is not UTF-8.
+    fn decode(opcode: OpCode, data: &'a [u8]) -> Option<Message<'a>> {
+        match opcode {
+            OpCode::Text => std::str::from_utf8(data).ok().map(Message::Text),
+            _ => Some(Message::Binary(data)),
+        }
+    }
+}
+
 /// Counts one complete data message against the rate limit, then executes it, answers
 /// `rate_limited`, or closes a flood.
 async fn limited(
@@ -147,62 +164,56 @@ async fn limited(
     opcode: OpCode,
     data: &[u8],
 ) -> Option<CloseReason> {
-    match rate.check() {
-        Verdict::Allow => match mode {
-            Mode::Gateway => handle_message(session, opcode, data).await,
-            #[cfg(feature = "autobahn")]
-            Mode::Echo => echo(session, opcode, data).await,
-        },
+    // `Some(first)` when the message is over the rate.
+    let limited = match rate.check() {
+        Verdict::Allow => None,
+        Verdict::Limited { first } => Some(first),
         Verdict::Flood => {
             tracing::info!("closing a connection that floods messages");
-            Some(CloseReason::Flood)
+            return Some(CloseReason::Flood);
         }
-        Verdict::Limited { first } => {
+    };
+    // Executed or rate limited, invalid text fails the connection (RFC 6455 8.1).
+    let Some(message) = Message::decode(opcode, data) else {
+        return Some(CloseReason::InvalidUtf8);
+    };
+    let reply = match limited {
+        None => match mode {
+            Mode::Gateway => execute(session, message).await,
+            #[cfg(feature = "autobahn")]
+            Mode::Echo => echo(message),
+        },
+        Some(first) => {
             if first {
                 tracing::info!("connection rate limited");
             }
-            let text = match opcode {
-                OpCode::Text => match std::str::from_utf8(data) {
-                    Ok(text) => Some(text),
-                    // Rate limited or not, invalid text fails the connection (RFC 6455 8.1).
-                    Err(_) => return Some(CloseReason::InvalidUtf8),
-                },
-                _ => None,
+            let text = match message {
+                Message::Text(text) => Some(text),
+                Message::Binary(_) => None,
             };
-            let reply = session.rate_limited(text);
-            session.outbox.push(reply).await;
-            None
+            session.rate_limited(text)
         }
-    }
-}
-
-/// Executes one complete message; `Some` when it must close the connection.
-async fn handle_message(session: &mut Session, opcode: OpCode, data: &[u8]) -> Option<CloseReason> {
-    let reply = if opcode == OpCode::Binary {
-        session.binary_rejected()
-    } else {
-        let Ok(text) = std::str::from_utf8(data) else {
-            return Some(CloseReason::InvalidUtf8);
-        };
-        // Boxed: a command's state would otherwise sit in every idle connection's task.
-        Box::pin(session.execute(text)).await
     };
     session.outbox.push(reply).await;
     None
 }
 
-/// Sends one complete message back with its opcode (the Autobahn endpoint's [`Mode::Echo`]).
+/// Executes one complete message as a command; the reply to queue.
+async fn execute(session: &mut Session, message: Message<'_>) -> Bytes {
+    match message {
+        Message::Binary(_) => session.binary_rejected(),
+        // Boxed: a command's state would otherwise sit in every idle connection's task.
+        Message::Text(text) => Box::pin(session.execute(text)).await,
+    }
+}
+
+/// The message sent back with its opcode (the Autobahn endpoint's [`Mode::Echo`]).
 #[cfg(feature = "autobahn")]
-async fn echo(session: &Session, opcode: OpCode, data: &[u8]) -> Option<CloseReason> {
-    let frame = if opcode == OpCode::Binary {
-        frame::binary(data)
-    } else if std::str::from_utf8(data).is_ok() {
-        frame::text(data.len(), |b| b.extend_from_slice(data))
-    } else {
-        return Some(CloseReason::InvalidUtf8);
-    };
-    session.outbox.push(frame).await;
-    None
+fn echo(message: Message<'_>) -> Bytes {
+    match message {
+        Message::Text(text) => frame::text(text.len(), |b| b.extend_from_slice(text.as_bytes())),
+        Message::Binary(data) => frame::binary(data),
+    }
 }
 
 /// Whether the client masked the frame. fastwebsockets accepts unmasked client frames and keeps
