@@ -38,10 +38,13 @@ impl RedisPresence {
         }
     }
 
+    /// Both keys carry the channel's Redis name as hash tag, so they share its slot and a script
+    /// touching both runs on one Redis Cluster node.
     fn keys(&self, channel: &str) -> [String; 2] {
+        let p = &self.prefix;
         [
-            format!("{}__presence:{channel}", self.prefix),
-            format!("{}__presence_exp:{channel}", self.prefix),
+            format!("{p}__presence:{{{p}{channel}}}"),
+            format!("{p}__presence_exp:{{{p}{channel}}}"),
         ]
     }
 
