@@ -53,7 +53,8 @@ async fn ready_node(cluster: &RedisCluster, prefix: &str) -> TestNode {
 }
 
 async fn login(node: &TestNode, user: &str) -> Client {
-    let token = hs256(&json!({"sub": user, "exp": now() + 300, "subscribe": ["*"], "publish": ["*"]}));
+    let token =
+        hs256(&json!({"sub": user, "exp": now() + 300, "subscribe": ["*"], "publish": ["*"]}));
     Client::connect_bearer(&node.ws_url(), &token).await
 }
 
@@ -217,6 +218,9 @@ async fn sharded_delivery_on_every_master_with_presence_control_and_order() {
         started.elapsed()
     );
     let _ = collect_until(&mut bob, 299, Duration::from_secs(20)).await;
+    for _ in 0..300 {
+        assert_eq!(carol.recv().await["type"], "published");
+    }
 
     // Presence: both nodes' members, stored in the channel's slot.
     let mut expected = vec![alice.conn_id().to_owned(), bob.conn_id().to_owned()];
@@ -263,7 +267,10 @@ async fn sharded_delivery_on_every_master_with_presence_control_and_order() {
         if counts[0].1 == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "alice gone and bob left: 0 expected");
+        assert!(
+            Instant::now() < deadline,
+            "alice gone and bob left: 0 expected"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -340,10 +347,15 @@ async fn master_sigkill_under_publishing_resumes_after_failover() {
     );
     let in_order = received.windows(2).all(|w| w[0] < w[1]);
     assert!(in_order, "deliveries stay in publish order: {received:?}");
-    assert!(was_unready, "a shard with subscriptions was unreachable: /readyz 503");
+    assert!(
+        was_unready,
+        "a shard with subscriptions was unreachable: /readyz 503"
+    );
     wait_status(a.addr, 200, Duration::from_secs(15)).await;
     // After the failover a fresh publish is delivered.
-    try_publish(&mut publisher, &channel, json!({"n": 1_000_000})).await.unwrap();
+    try_publish(&mut publisher, &channel, json!({"n": 1_000_000}))
+        .await
+        .unwrap();
     let msg = sub.recv().await;
     assert_eq!(msg["data"]["n"], 1_000_000);
     let new_owner = cluster
@@ -367,7 +379,9 @@ async fn live_slot_migration_moves_the_subscription() {
     let mut sub = login(&a, "sub").await;
     sub.subscribe(&channel).await;
     let mut publisher = login(&b, "pub").await;
-    try_publish(&mut publisher, &channel, json!({"n": 0})).await.unwrap();
+    try_publish(&mut publisher, &channel, json!({"n": 0}))
+        .await
+        .unwrap();
     assert_eq!(sub.recv().await["data"]["n"], 0);
 
     let node = |port: u16| cluster.nodes.iter().find(|n| n.port == port).unwrap();
@@ -387,7 +401,10 @@ async fn live_slot_migration_moves_the_subscription() {
         .cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"])
         .await
         .unwrap();
-    println!("migration: slot {slot} holds {} keys (presence of the channel)", keys.len());
+    println!(
+        "migration: slot {slot} holds {} keys (presence of the channel)",
+        keys.len()
+    );
     if !keys.is_empty() {
         let port = target.to_string();
         let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
@@ -400,7 +417,11 @@ async fn live_slot_migration_moves_the_subscription() {
             .await
             .unwrap();
     }
-    for other in cluster.nodes.iter().filter(|n| n.port != source && n.port != target) {
+    for other in cluster
+        .nodes
+        .iter()
+        .filter(|n| n.port != source && n.port != target)
+    {
         let _ = other
             .cmd::<()>(&["CLUSTER", "SETSLOT", &s, "NODE", &target_id])
             .await;
@@ -410,7 +431,10 @@ async fn live_slot_migration_moves_the_subscription() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut n = 1u64;
     let moved_after = loop {
-        assert!(Instant::now() < deadline, "delivery never resumed after the migration");
+        assert!(
+            Instant::now() < deadline,
+            "delivery never resumed after the migration"
+        );
         let _ = try_publish(&mut publisher, &channel, json!({"n": n})).await;
         if let Some(msg) = sub.recv_within(Duration::from_millis(100)).await {
             if msg["data"]["n"] == n {

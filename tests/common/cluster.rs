@@ -42,9 +42,12 @@ impl ClusterNode {
     /// One command to this node only.
     pub async fn cmd<T: FromRedisValue>(&self, args: &[&str]) -> ::redis::RedisResult<T> {
         let client = ::redis::Client::open(self.url())?;
-        let mut conn = tokio::time::timeout(COMMAND_WAIT, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| ::redis::RedisError::from(std::io::Error::other("connect timed out")))??;
+        let mut conn =
+            tokio::time::timeout(COMMAND_WAIT, client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| {
+                    ::redis::RedisError::from(std::io::Error::other("connect timed out"))
+                })??;
         let mut cmd = ::redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
@@ -117,7 +120,11 @@ impl RedisCluster {
         let deadline = Instant::now() + START_WAIT;
         for node in &cluster.nodes {
             while node.cmd::<String>(&["PING"]).await.is_err() {
-                assert!(Instant::now() < deadline, "node {} did not start", node.port);
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not start",
+                    node.port
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
