@@ -455,3 +455,44 @@ async fn live_slot_migration_moves_the_subscription() {
     assert_eq!(ids, vec![sub.conn_id().to_owned()]);
     assert_eq!(http_get(a.addr, "/readyz").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_shard_is_found_within_two_probe_intervals() {
+    let cluster = RedisCluster::start().await;
+    let prefix = format!("t{:08x}:", rand_u32());
+    let a = ready_node(&cluster, &prefix).await;
+    let by_master = channels_on_every_master(&cluster, &prefix, 1).await;
+    let (&master, channels) = by_master.iter().next().unwrap();
+    let mut sub = login(&a, "sub").await;
+    sub.subscribe(&channels[0]).await;
+    // Let a probe round trip settle on the shard.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(http_get(a.addr, "/readyz").await.0, 200);
+
+    // CLIENT PAUSE ALL: the master keeps its sockets and its cluster bus (no failover) but
+    // answers no client: a silent shard.
+    let node = cluster.nodes.iter().find(|n| n.port == master).unwrap();
+    node.cmd::<()>(&["CLIENT", "PAUSE", "3000", "ALL"])
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    let found = wait_status(a.addr, 503, Duration::from_secs(3)).await;
+    let probe = node_config(&cluster, &prefix).broker_probe_interval;
+    println!("silent shard: /readyz 503 after {found:?} (probe interval {probe:?})");
+    // Two intervals, plus scheduling slack on a loaded 2-core machine.
+    assert!(
+        found <= 2 * probe + Duration::from_millis(400),
+        "found after {found:?}"
+    );
+    let back = wait_status(a.addr, 200, Duration::from_secs(15)).await;
+    println!(
+        "silent shard: ready again {:?} after the pause began",
+        paused.elapsed()
+    );
+    let _ = back;
+    let mut publisher = login(&a, "pub").await;
+    try_publish(&mut publisher, &channels[0], json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(sub.recv().await["data"]["n"], 1);
+}
