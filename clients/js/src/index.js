@@ -172,7 +172,7 @@ export class Pubgate extends Emitter {
    * @param {number} [options.pongTimeout=10000] ms to wait for the `pong` before the connection
    *   counts as dead and is replaced
    * @param {number} [options.failuresBeforeMaxDelay=3] consecutive attempts that fail before any
-   *   `welcome` after which the delay jumps to the maximum (a browser cannot see a 401)
+   *   `welcome` after which every delay is drawn from [max/2, max] (a browser cannot see a 401)
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class where there is no global
    *   one (e.g. the `ws` package in Node 20)
    */
@@ -395,9 +395,12 @@ export class Pubgate extends Emitter {
       this._failuresBeforeWelcome++;
     }
     this.state = "connecting";
-    const attempt =
-      this._failuresBeforeWelcome >= this._failuresBeforeMax ? 64 : this._attempt;
-    const delay = reconnectDelay(attempt, this._min, this._max);
+    // Failing before any welcome, again and again, is what a refused upgrade (401) looks like
+    // in a browser, which hides the status: wait near the maximum then (still jittered).
+    const delay =
+      this._failuresBeforeWelcome >= this._failuresBeforeMax
+        ? this._max / 2 + (Math.random() * this._max) / 2
+        : reconnectDelay(this._attempt, this._min, this._max);
     this._attempt++;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => {

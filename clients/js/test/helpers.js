@@ -70,6 +70,7 @@ export async function startRedis() {
     cli: (...args) =>
       execFileSync("redis-cli", ["-p", String(port), ...args.map(String)], {
         encoding: "utf8",
+        stdio: ["ignore", "pipe", "ignore"],
       }).trim(),
     stop: () => proc.kill("SIGKILL"),
   };
