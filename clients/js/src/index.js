@@ -24,6 +24,9 @@ export class PubgateError extends Error {
   }
 }
 
+/** Subscribe errors worth retrying on the same connection; any other one ends the subscription. */
+const TRANSIENT = new Set(["rate_limited", "unavailable", "timeout"]);
+
 /** A minimal event emitter, the same in browsers and Node. */
 class Emitter {
   constructor() {
@@ -353,7 +356,7 @@ export class Pubgate extends Emitter {
     this._connectTimer = setTimeout(() => {
       if (ws !== this._ws || this.state !== "connecting") return;
       this._dropSocket(4000, "connect timeout");
-      this._failed(4000, "connect timeout", true);
+      this._failed(4000, "connect timeout", false);
     }, this._connectTimeout);
   }
 
@@ -603,13 +606,25 @@ export class Pubgate extends Emitter {
         sub._emit("subscribed", { recovered, epoch: reply.epoch ?? null, offset: sub.offset });
       },
       (err) => {
-        if (this._subs.get(sub.channel) !== sub) return;
-        if (err.code !== "disconnected" && err.code !== "timeout" && err.code !== "closed") {
+        if (this._subs.get(sub.channel) !== sub || sub.state === "unsubscribed") return;
+        // Dropped or closed: sent again with the next connection.
+        if (err.code === "disconnected" || err.code === "closed") return;
+        if (TRANSIENT.has(err.code)) {
+          // Rate limited (hundreds of subscriptions resent at once after a reconnect), broker
+          // down or no reply: try again on this connection after a jittered pause.
+          const ws = this._ws;
+          setTimeout(() => {
+            if (ws === this._ws && this.state === "connected" && this._subs.get(sub.channel) === sub
+              && sub.state === "pending") {
+              this._sendSubscribe(sub);
+            }
+          }, reconnectDelay(0, this._min, this._max));
+        } else {
           // A refusal by the server (forbidden, invalid_channel, ...): the subscription ends.
           this._subs.delete(sub.channel);
           sub.state = "unsubscribed";
         }
-        if (err.code !== "disconnected" && err.code !== "closed") sub._emit("error", err);
+        sub._emit("error", err);
       },
     );
   }

@@ -153,6 +153,29 @@ test("500 clients dropped by a drain spread their reconnects (full jitter)", asy
   }
 });
 
+test("a hundred subscriptions sent at once under a tight rate limit all come back", async () => {
+  const node = await startNode({
+    PUBGATE_REDIS_URL: redis.url,
+    PUBGATE_RATE_LIMIT: "50",
+    PUBGATE_RATE_BURST: "20",
+  });
+  try {
+    const c = client(node, { minReconnectDelay: 200, maxReconnectDelay: 1000 });
+    const subs = Array.from({ length: 100 }, (_, i) => c.subscribe(channel(`many${i}`)));
+    const errors = [];
+    for (const s of subs) s.on("error", (e) => errors.push(e.code));
+    c.connect(); // 100 subscribes at once against a burst of 20
+    await waitFor(() => subs.every((s) => s.state === "subscribed"), 20000, "100 subscriptions");
+    assert.ok(errors.length > 0 && errors.every((e) => e === "rate_limited"), `${errors}`);
+    const m = once(subs[99], "message");
+    await c.publish(subs[99].channel, "last");
+    assert.equal((await m).data, "last");
+    c.close();
+  } finally {
+    await node.kill();
+  }
+});
+
 function range(a, b) {
   return Array.from({ length: b - a + 1 }, (_, i) => a + i);
 }
