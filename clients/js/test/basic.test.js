@@ -185,3 +185,36 @@ test("join and leave events (needs presence events)", async (t) => {
   a.close();
   b.close();
 });
+
+test("works with Node's own global WebSocket (browser-like, no ws package)", async () => {
+  const { execFile } = await import("node:child_process");
+  const entry = new URL("../src/index.js", import.meta.url).href;
+  const script = `
+    import { Pubgate } from ${JSON.stringify(entry)};
+    const c = new Pubgate(process.env.URL, { minReconnectDelay: 100 });
+    const sub = c.subscribe("global-ws");
+    const got = new Promise((r) => sub.on("message", (m) => r(m.data)));
+    await new Promise((r) => { sub.on("subscribed", r); c.connect(); });
+    await c.publish("global-ws", { native: true });
+    console.log(JSON.stringify(await got));
+    c.close();`;
+  const out = await new Promise((resolve, reject) =>
+    execFile(
+      process.execPath,
+      [
+        // Node 22+ has the global WebSocket; Node 20 behind this flag.
+        ...(typeof globalThis.WebSocket === "function" ? [] : ["--experimental-websocket"]),
+        "--no-warnings", "--input-type=module", "-e", script,
+      ],
+      { env: { ...process.env, URL: node.ws }, timeout: 10000 },
+      (err, stdout, stderr) => (err ? reject(new Error(`${err} ${stderr}`)) : resolve(stdout)),
+    ),
+  );
+  assert.deepEqual(JSON.parse(out), { native: true });
+});
+
+test("the package resolves by its name through package.json exports", async () => {
+  const byName = await import("pubgate-client");
+  const byPath = await import("../src/index.js");
+  assert.equal(byName.Pubgate, byPath.Pubgate);
+});
