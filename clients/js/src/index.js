@@ -220,6 +220,8 @@ export class Pubgate extends Emitter {
     this._pinging = false;
     this._pingIntervalMs = 25000;
     this._tokenExpired = false; // the last close was "token expired": get a fresh one first
+    this._retriedAuth = false; // a 401 was already answered with a fresh token
+    this._openGen = 0;
   }
 
   /** Opens the connection (again after `close()`); does nothing when already connecting. */
@@ -228,6 +230,7 @@ export class Pubgate extends Emitter {
     this.state = "connecting";
     this._attempt = 0;
     this._failuresBeforeWelcome = 0;
+    this._retriedAuth = false;
     this._open();
   }
 
@@ -238,6 +241,7 @@ export class Pubgate extends Emitter {
   close() {
     const wasConnected = this.state === "connected";
     this.state = "closed";
+    this._openGen++;
     this._rejectPending(() => true, "closed", "the client was closed");
     this._clearTimers();
     this._dropSocket(1000, "client closed");
@@ -305,16 +309,18 @@ export class Pubgate extends Emitter {
   // ---- connection ----------------------------------------------------------------------------
 
   async _open() {
+    // A close() and connect() while getToken is pending must not leave two sockets.
+    const gen = ++this._openGen;
     let token = this._token;
     if (this._getToken && (!token || this._tokenExpired || this._expiresSoon(token))) {
       try {
         token = await this._getToken();
       } catch (err) {
-        if (this.state !== "connecting") return;
+        if (this.state !== "connecting" || gen !== this._openGen) return;
         this._failed(1006, `getToken failed: ${err?.message ?? err}`, false);
         return;
       }
-      if (this.state !== "connecting") return;
+      if (this.state !== "connecting" || gen !== this._openGen) return;
       if (!token) {
         this._giveUp(1008, "unauthorized: getToken returned no token");
         return;
@@ -322,15 +328,13 @@ export class Pubgate extends Emitter {
       this._token = token;
     }
     this._tokenExpired = false;
-    let url = this._url;
-    if (token) {
-      const u = new URL(url, globalThis.location?.href);
-      u.searchParams.set("token", token);
-      url = u.toString();
-    }
     let ws;
     try {
-      ws = new this._WS(url);
+      // Relative URLs resolve against the page; http(s) becomes ws(s).
+      const u = new URL(this._url, globalThis.location?.href);
+      u.protocol = u.protocol.replace(/^http/, "ws");
+      if (token) u.searchParams.set("token", token);
+      ws = new this._WS(u.toString());
     } catch (err) {
       this._giveUp(1006, `bad url: ${err?.message ?? err}`);
       return;

@@ -3,7 +3,9 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 
-import { PubgateError } from "../src/index.js";
+import WebSocket from "ws";
+
+import { Pubgate, PubgateError } from "../src/index.js";
 import {
   startRedis, startNode, client, connected, subscribed, once, channel, hasHistory,
   backendPublish, waitFor, sleep,
@@ -135,11 +137,11 @@ test("a request without reply times out with code timeout", async () => {
   // SIGSTOP freezes the node: the request is sent and never answered.
   const c = client(node, { requestTimeout: 300, pingMargin: 60000 });
   await connected(c);
-  node.proc.kill("SIGSTOP");
+  await node.freeze();
   try {
     await assert.rejects(c.publish(channel("t"), 1), { code: "timeout" });
   } finally {
-    node.proc.kill("SIGCONT");
+    node.thaw();
   }
   c.close();
 });
@@ -217,4 +219,36 @@ test("the package resolves by its name through package.json exports", async () =
   const byName = await import("pubgate-client");
   const byPath = await import("../src/index.js");
   assert.equal(byName.Pubgate, byPath.Pubgate);
+});
+
+test("close() and connect() while getToken is pending leave one connection", async () => {
+  let release;
+  const gate = new Promise((r) => (release = r));
+  let calls = 0;
+  const made = [];
+  class Counting extends WebSocket {
+    constructor(...a) {
+      super(...a);
+      made.push(this);
+    }
+  }
+  // The node is anonymous: any token string is accepted (ignored).
+  const c = client(node, {
+    WebSocket: Counting,
+    getToken: () => (calls++ === 0 ? gate.then(() => "slow") : Promise.resolve("fast")),
+  });
+  c.connect(); // waits for the first getToken
+  c.close();
+  await connected(c); // the second connect gets its token at once
+  release();
+  await sleep(300);
+  assert.equal(made.length, 1, "the first, abandoned attempt opened no socket");
+  assert.equal(calls, 2);
+  c.close();
+});
+
+test("an http(s) URL is turned into ws(s) (pages may pass one)", async () => {
+  const c = new Pubgate(`${node.http}/ws`, { WebSocket });
+  await connected(c);
+  c.close();
 });

@@ -3,6 +3,7 @@
 // minted with node's crypto, and small waiting utilities.
 
 import { spawn, execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { createHmac, randomBytes } from "node:crypto";
 import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
@@ -130,6 +131,17 @@ export async function startNode(env = {}) {
       if (!node.proc || node.proc.exitCode !== null || node.proc.signalCode !== null) return;
       node.proc.kill(signal);
       await node.exited;
+    },
+    /** SIGSTOP, returning once the kernel shows the process stopped (state T). */
+    async freeze() {
+      node.proc.kill("SIGSTOP");
+      await waitFor(() => {
+        const stat = readFileSync(`/proc/${node.proc.pid}/stat`, "utf8");
+        return stat.slice(stat.lastIndexOf(")") + 2).startsWith("T");
+      }, 5000, "the node stopped");
+    },
+    thaw() {
+      node.proc.kill("SIGCONT");
     },
     async restart() {
       await node.kill();

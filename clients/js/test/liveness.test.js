@@ -17,7 +17,7 @@ test("an unanswered JSON ping closes the connection (4000) and the client reconn
     await sleep(3000);
     assert.equal(drops, 0, "an idle live connection is kept");
 
-    node.proc.kill("SIGSTOP");
+    await node.freeze();
     const stoppedAt = Date.now();
     const d = await once(c, "disconnected", 6000);
     const detectedIn = Date.now() - stoppedAt;
@@ -25,11 +25,11 @@ test("an unanswered JSON ping closes the connection (4000) and the client reconn
     assert.deepEqual(d, { code: 4000, reason: "ping timeout", willReconnect: true });
     assert.ok(detectedIn <= 1000 + 300 + 700 + 600, `${detectedIn} ms`);
     const back = once(c, "connected", 10000);
-    node.proc.kill("SIGCONT");
+    node.thaw();
     await back;
     assert.equal(c.state, "connected");
   } finally {
-    node.proc.kill("SIGCONT");
+    node.thaw();
     c.close();
     await node.kill();
   }
