@@ -119,6 +119,13 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Serve the operator console at `GET /console` (a page and the JS client, no secrets).
+    /// Off by default: `/console` is then a 404 like any unknown path.
+    #[arg(long, env = "PUBGATE_CONSOLE", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub console: bool,
+
     /// Log format: `text` or `json`. Levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "PUBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -150,6 +157,7 @@ impl Default for Config {
             allowed_origins: None,
             tls_cert: None,
             tls_key: None,
+            console: false,
             log_format: LogFormat::Text,
         }
     }

@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
 use crate::conn;
+use crate::console;
 use crate::node::Node;
 
 pub type Body = Full<Bytes>;
@@ -54,6 +55,7 @@ pub async fn handle(
             );
             response
         }
+        p if p == "/console" || p.starts_with("/console/") => console::respond(&node, p, get),
         "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response

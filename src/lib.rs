@@ -16,12 +16,14 @@
 //! - [`metrics`]: the Prometheus registry of one node.
 //! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
 //!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
+//! - `console`: the optional operator page at `/console` and the JS client it runs on.
 
 mod auth;
 pub mod broker;
 mod cmd;
 pub mod config;
 mod conn;
+mod console;
 mod control;
 mod error;
 #[doc(hidden)]

@@ -62,6 +62,8 @@ pub struct Node {
     pub origins: Option<AllowedOrigins>,
     /// Authenticated connections by user, for control disconnects.
     pub users: Arc<Users>,
+    /// Whether `/console` is served (`PUBGATE_CONSOLE`).
+    pub console: bool,
     /// Set once the broker took the `__control` subscription (see [`control::subscribe`]).
     pub(crate) control_live: AtomicBool,
     /// Admitted WebSocket connections (see [`Node::admit`]); exact, unlike the gauge, because
@@ -130,6 +132,7 @@ impl Node {
             auth,
             origins,
             users,
+            console: config.console,
             control_live: AtomicBool::new(false),
             admitted: AtomicUsize::new(0),
             channel_locks: (0..CHANNEL_LOCKS).map(|_| Mutex::new(())).collect(),
