@@ -191,7 +191,7 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "PUBGATE_PRESENCE_TTL",
-                "must be at least 1s (each node's heartbeat runs every sixth of it)",
+                "must be at least 1s (each node's heartbeat runs every tenth of it)",
             ));
         }
         if self.drain_delay >= self.shutdown_timeout {

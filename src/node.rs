@@ -381,7 +381,7 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The node's presence heartbeat (Redis only), every sixth of the presence TTL: keeps the node
+/// The node's presence heartbeat (Redis only), every tenth of the presence TTL: keeps the node
 /// alive in the store, restores its members when the store lost them (Redis restarted empty, or
 /// the node was reaped after a stall; only once no reaper holds the node's lock), and reaps the
 /// members of nodes whose heartbeat lapsed, each in a task of its own so the beat stays on time.

@@ -75,7 +75,7 @@ pub trait Presence: Send + Sync + 'static {
     /// left), so a reaper need not visit the channel. Called under the node's channel lock.
     async fn unindex(&self, channel: &str) -> Result<(), BrokerError>;
 
-    /// Keeps this node alive in the store; called every sixth of the presence TTL. Reports
+    /// Keeps this node alive in the store; called every tenth of the presence TTL. Reports
     /// whether the node must restore its members and which other nodes are dead.
     async fn heartbeat(&self) -> Result<Heartbeat, BrokerError>;
 
