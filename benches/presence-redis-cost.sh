@@ -5,7 +5,7 @@
 set -u
 label=$1; bin=$2; bench=$3; conns=$4; chans=$5
 ulimit -n 20000
-dir=/tmp/pp/bench/$label; rm -rf $dir; mkdir -p $dir
+dir=${TMPDIR:-/tmp}/pubgate-presence-bench/$label; rm -rf $dir; mkdir -p $dir
 port=$((20000 + RANDOM % 20000))
 redis-server --port $port --save "" --appendonly no --daemonize no --logfile $dir/redis.log &
 rpid=$!

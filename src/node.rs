@@ -385,17 +385,24 @@ impl Drop for ConnectionSlot {
 /// alive in the store, restores its members when the store lost them (Redis restarted empty, or
 /// the node was reaped after a stall; only once no reaper holds the node's lock), and reaps the
 /// members of nodes whose heartbeat lapsed, each in a task of its own so the beat stays on time.
+///
+/// A node reaps only after a few successful beats in a row: after a Redis outage every node's
+/// heartbeat has lapsed, and the first node back must not take the others, still reconnecting,
+/// for dead.
 async fn heartbeat(node: std::sync::Weak<Node>, every: Duration) {
+    const STREAK_TO_REAP: u32 = 3;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut restore = false;
     let mut failing = false;
+    let mut streak = 0u32;
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         let beat = match node.presence.heartbeat().await {
             Ok(beat) => {
                 failing = false;
+                streak = streak.saturating_add(1);
                 beat
             }
             Err(e) => {
@@ -403,6 +410,7 @@ async fn heartbeat(node: std::sync::Weak<Node>, every: Duration) {
                     tracing::warn!(error = %e, "presence heartbeat failed");
                 }
                 failing = true;
+                streak = 0;
                 continue;
             }
         };
@@ -429,6 +437,9 @@ async fn heartbeat(node: std::sync::Weak<Node>, every: Duration) {
                 }
                 Err(e) => tracing::warn!(error = %e, "presence restore failed; retrying"),
             }
+        }
+        if streak < STREAK_TO_REAP {
+            continue;
         }
         for dead in beat.dead {
             let node = node.clone();
