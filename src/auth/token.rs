@@ -290,6 +290,23 @@ fn key_algorithm(pem: &[u8]) -> Result<Algorithm, &'static str> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn info_is_an_object_of_at_most_1_kib() {
+        assert_eq!(info(Value::Null), Ok(None));
+        let small = serde_json::json!({"b": 1, "a": {"x": [true]}});
+        assert_eq!(
+            info(small).unwrap().unwrap().get(),
+            r#"{"a":{"x":[true]},"b":1}"#,
+            "compact re-encoding"
+        );
+        let pad = |n: usize| serde_json::json!({"p": "x".repeat(n - r#"{"p":""}"#.len())});
+        assert_eq!(info(pad(1024)).unwrap().unwrap().get().len(), 1024);
+        assert_eq!(info(pad(1025)), Err(TokenError::InfoTooLarge));
+        for bad in [serde_json::json!("x"), serde_json::json!([]), serde_json::json!(1)] {
+            assert_eq!(info(bad), Err(TokenError::InfoNotObject));
+        }
+    }
+
     fn fixture(name: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
