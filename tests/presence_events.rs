@@ -491,6 +491,84 @@ async fn count_only_on_a_20k_member_channel_is_fast() {
     assert_eq!(reply["truncated"], true);
 }
 
+/// A storm of joins and leaves is absorbed by the send budget like any delivery: a watcher that
+/// stops reading is closed as a slow consumer (1008), while a watcher that reads gets every
+/// event in order and the churning connection is never held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_storm_closes_a_watcher_that_does_not_read() {
+    const DROPPED: &str = "pubgate_messages_dropped_total{reason=\"slow_consumer\"}";
+    // A queue that a reading client never fills, even on a loaded machine.
+    let node = start_node(Config {
+        send_queue: 256,
+        ..test_config()
+    })
+    .await;
+    // Long names make big events, so the socket buffers fill sooner.
+    let channel = format!("storm:{}", "x".repeat(190));
+    let mut slow = common::raw::RawClient::connect_small_buffer(node.addr, 4096).await;
+    slow.send_json(&json!({"type":"subscribe","channel":channel,"presence_events":true,"id":1}))
+        .await;
+    assert_eq!(slow.recv_json().await["type"], "subscribed");
+    let mut reader = node.client().await;
+    watch(&mut reader, &channel).await;
+    let mut churner = node.client().await;
+    let churner_id = churner.conn_id().to_owned();
+    // How many events the reading watcher must see (0 until the storm is over).
+    let expected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reading = tokio::spawn({
+        let expected = expected.clone();
+        async move {
+            let mut seen = 0usize;
+            loop {
+                let goal = expected.load(std::sync::atomic::Ordering::Acquire);
+                if goal != 0 && seen >= goal {
+                    return seen;
+                }
+                let Some(e) = reader.recv_within(Duration::from_millis(200)).await else {
+                    continue;
+                };
+                // The silent watcher is a member too: its leave (when it is closed) comes in
+                // between.
+                if e["member"]["conn_id"] != churner_id.as_str() {
+                    assert_eq!(e["type"], "leave", "{e}");
+                    continue;
+                }
+                let kind = if seen % 2 == 0 { "join" } else { "leave" };
+                assert_eq!(e["type"], kind, "event {seen} in order: {e}");
+                seen += 1;
+            }
+        }
+    });
+    let mut rounds = 0;
+    let started = Instant::now();
+    while node.metric(DROPPED).await != Some(1.0) {
+        assert!(rounds < 40_000, "the silent watcher was never dropped");
+        for _ in 0..100 {
+            churner.subscribe(&channel).await;
+            churner
+                .request(json!({"type":"unsubscribe","channel":channel}))
+                .await;
+        }
+        rounds += 100;
+    }
+    println!(
+        "silent watcher dropped after {rounds} join/leave rounds ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(slow.expect_close().await.code(), Some(1008));
+    expected.store(2 * rounds, std::sync::atomic::Ordering::Release);
+    let seen = tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .expect("the reading watcher gets every event")
+        .unwrap();
+    assert_eq!(seen, 2 * rounds);
+    assert_eq!(
+        node.metric(DROPPED).await,
+        Some(1.0),
+        "only the silent watcher was dropped"
+    );
+}
+
 /// `__presence:<channel>` is reserved: no client request may name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_presence_names_are_refused() {

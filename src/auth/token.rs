@@ -302,7 +302,11 @@ mod tests {
         let pad = |n: usize| serde_json::json!({"p": "x".repeat(n - r#"{"p":""}"#.len())});
         assert_eq!(info(pad(1024)).unwrap().unwrap().get().len(), 1024);
         assert_eq!(info(pad(1025)), Err(TokenError::InfoTooLarge));
-        for bad in [serde_json::json!("x"), serde_json::json!([]), serde_json::json!(1)] {
+        for bad in [
+            serde_json::json!("x"),
+            serde_json::json!([]),
+            serde_json::json!(1),
+        ] {
             assert_eq!(info(bad), Err(TokenError::InfoNotObject));
         }
     }
