@@ -1,5 +1,6 @@
 #!/bin/bash
-# 20k connections on one node (of 2) draining: time to exit and members left in Redis.
+# Usage: benches/presence-drain.sh <pubgate binary> <pubgate-bench binary> <connections>
+# Connections on one node (of 2) draining: time to exit and members left in Redis.
 set -u
 bin=$1; bench=$2; conns=$3
 ulimit -n 20000

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Usage: run.sh <label> <pubgate binary> <bench binary> <connections> <channels>
+# Usage: benches/presence-redis-cost.sh <label> <pubgate binary> <pubgate-bench binary> <connections> <channels>
 # 3 nodes on one private redis-server; measures Redis commands/s over a 30 s idle window and
 # used_memory per member.
 set -u
