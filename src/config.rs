@@ -54,6 +54,10 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_PRESENCE_TTL", default_value = "30s", value_parser = duration_of("PUBGATE_PRESENCE_TTL"))]
     pub presence_ttl: Duration,
 
+    /// Most members listed in one presence reply (`count` stays exact; `truncated` marks a cut).
+    #[arg(long, env = "PUBGATE_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+
     /// Largest incoming WebSocket message in bytes (all fragments together); larger: close 1009.
     #[arg(long, env = "PUBGATE_MAX_MESSAGE_SIZE", default_value_t = 65536)]
     pub max_message_size: usize,
@@ -141,6 +145,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(30),
+            presence_max_members: 1000,
             max_message_size: 65536,
             max_subscriptions: 256,
             send_queue: 1024,
@@ -183,6 +188,7 @@ impl Config {
         let counts = [
             ("PUBGATE_MAX_MESSAGE_SIZE", self.max_message_size),
             ("PUBGATE_MAX_SUBSCRIPTIONS", self.max_subscriptions),
+            ("PUBGATE_PRESENCE_MAX_MEMBERS", self.presence_max_members),
             ("PUBGATE_SEND_QUEUE", self.send_queue),
         ];
         for (name, value) in counts {
@@ -193,7 +199,7 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "PUBGATE_PRESENCE_TTL",
-                "must be at least 1s (members are refreshed every third of it)",
+                "must be at least 1s (each node's heartbeat runs every tenth of it)",
             ));
         }
         if self.drain_delay >= self.shutdown_timeout {

@@ -17,6 +17,7 @@ pub use token::{Claims, TokenError, Verifier};
 
 use crate::config::Config;
 use crate::error::ConfigError;
+use crate::presence::Info;
 
 /// The authenticated side of one connection.
 #[derive(Debug, Clone)]
@@ -27,6 +28,10 @@ pub struct Identity {
     pub permissions: Permissions,
     /// The token's `exp` (unix seconds); `None` for anonymous connections.
     pub exp: Option<u64>,
+    /// The token's `info`, shown with the connection in presence. Fixed for the connection's
+    /// life: a refresh token's `info` is ignored (presence and the joins already sent keep
+    /// describing the member the same way).
+    pub info: Option<Info>,
 }
 
 impl Identity {
@@ -36,6 +41,7 @@ impl Identity {
             user: None,
             permissions: Permissions::Open,
             exp: None,
+            info: None,
         }
     }
 
@@ -45,6 +51,7 @@ impl Identity {
             user: Some(claims.sub.clone()),
             permissions: Permissions::granted(&claims.sub, &claims.subscribe, &claims.publish),
             exp: Some(claims.exp),
+            info: claims.info.clone(),
         }
     }
 }

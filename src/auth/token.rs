@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::ConfigError;
+use crate::presence::{Info, MAX_INFO_BYTES};
 
 /// Clock skew tolerated on `exp` and `nbf` at the upgrade and on refresh (contract: at most 5 s).
 pub const LEEWAY_SECS: u64 = 5;
@@ -31,6 +32,8 @@ pub struct Claims {
     pub subscribe: Vec<String>,
     /// Channel patterns the user may publish to (absent = none).
     pub publish: Vec<String>,
+    /// Who the user is to the others (`info`: a JSON object of at most 1 KiB, shown in presence).
+    pub info: Option<Info>,
 }
 
 /// The claims as jsonwebtoken hands them over. It deserialises the claims before it checks the
@@ -46,6 +49,8 @@ struct RawClaims {
     subscribe: Value,
     #[serde(default)]
     publish: Value,
+    #[serde(default)]
+    info: Value,
 }
 
 impl RawClaims {
@@ -72,7 +77,26 @@ impl RawClaims {
             exp,
             subscribe: patterns(self.subscribe, "subscribe")?,
             publish: patterns(self.publish, "publish")?,
+            info: info(self.info)?,
         })
+    }
+}
+
+/// The `info` claim: absent (or `null`), or a JSON object whose compact encoding fits
+/// [`MAX_INFO_BYTES`].
+fn info(value: Value) -> Result<Option<Info>, TokenError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(_) => {
+            let json = value.to_string();
+            if json.len() > MAX_INFO_BYTES {
+                return Err(TokenError::InfoTooLarge);
+            }
+            Info::from_json(json)
+                .map(Some)
+                .map_err(|_| TokenError::InfoNotObject)
+        }
+        _ => Err(TokenError::InfoNotObject),
     }
 }
 
@@ -87,6 +111,10 @@ pub enum TokenError {
     NotYetValid,
     MissingClaim(String),
     InvalidClaim(String),
+    /// `info` is not a JSON object.
+    InfoNotObject,
+    /// `info` encodes to more than [`MAX_INFO_BYTES`].
+    InfoTooLarge,
     Invalid,
 }
 
@@ -102,6 +130,10 @@ impl TokenError {
             TokenError::NotYetValid => "token not yet valid".into(),
             TokenError::MissingClaim(c) => format!("token has no `{c}` claim"),
             TokenError::InvalidClaim(c) => format!("token claim `{c}` is invalid"),
+            TokenError::InfoNotObject => "token claim `info` must be a JSON object".into(),
+            TokenError::InfoTooLarge => {
+                format!("token claim `info` is larger than {MAX_INFO_BYTES} bytes")
+            }
             TokenError::Invalid => "invalid token".into(),
         }
     }
@@ -257,6 +289,27 @@ fn key_algorithm(pem: &[u8]) -> Result<Algorithm, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn info_is_an_object_of_at_most_1_kib() {
+        assert_eq!(info(Value::Null), Ok(None));
+        let small = serde_json::json!({"b": 1, "a": {"x": [true]}});
+        assert_eq!(
+            info(small).unwrap().unwrap().get(),
+            r#"{"a":{"x":[true]},"b":1}"#,
+            "compact re-encoding"
+        );
+        let pad = |n: usize| serde_json::json!({"p": "x".repeat(n - r#"{"p":""}"#.len())});
+        assert_eq!(info(pad(1024)).unwrap().unwrap().get().len(), 1024);
+        assert_eq!(info(pad(1025)), Err(TokenError::InfoTooLarge));
+        for bad in [
+            serde_json::json!("x"),
+            serde_json::json!([]),
+            serde_json::json!(1),
+        ] {
+            assert_eq!(info(bad), Err(TokenError::InfoNotObject));
+        }
+    }
 
     fn fixture(name: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -42,6 +42,12 @@ pub async fn apply<'a>(
     // under the old ones (the reader runs one request at a time anyway).
     session.permissions = identity.permissions;
     for channel in &lost {
+        if session.watched.remove(channel) {
+            session
+                .node
+                .unwatch_presence(&session.outbox, channel)
+                .await;
+        }
         session.node.unsubscribe(&session.outbox, channel).await;
         session.channels.remove(channel);
         let notice = Reply::Unsubscribed {
