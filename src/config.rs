@@ -308,7 +308,10 @@ impl Config {
             ("PUBGATE_API_KEY", &self.api_key),
         ] {
             if value.as_deref() == Some("") {
-                return Err(ConfigError::invalid(name, "must not be empty (unset it instead)"));
+                return Err(ConfigError::invalid(
+                    name,
+                    "must not be empty (unset it instead)",
+                ));
             }
         }
         if (self.jwt_audience.is_some() || self.jwt_issuer.is_some()) && !keys.contains(&true) {
@@ -318,7 +321,10 @@ impl Config {
                  PUBGATE_JWT_PUBLIC_KEY_FILE or PUBGATE_JWT_JWKS_FILE): connections are anonymous",
             ));
         }
-        if self.internal_listen.is_some_and(|a| a == self.listen && a.port() != 0) {
+        if self
+            .internal_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
             return Err(ConfigError::invalid(
                 "PUBGATE_INTERNAL_LISTEN",
                 "must differ from PUBGATE_LISTEN",
@@ -494,7 +500,10 @@ mod tests {
         for secret in ["hs-secret-value", "api-key-value", "redis-pass-value"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
-        assert!(shown.contains("redis://app:<redacted>@redis:6379/0"), "{shown}");
+        assert!(
+            shown.contains("redis://app:<redacted>@redis:6379/0"),
+            "{shown}"
+        );
         assert_eq!(redact_url("redis://:pw@h:1/"), "redis://<redacted>@h:1/");
         assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
         assert_eq!(redact_url("redis://u:p@ss@h/"), "redis://u:<redacted>@h/");

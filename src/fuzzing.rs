@@ -234,6 +234,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         user: Some(USER.into()),
         permissions: Permissions::granted(USER, &patterns(SUBSCRIBE), &patterns(PUBLISH)),
         exp: Some(EXP),
+        verified_at: std::time::Instant::now(),
     };
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     let (read, _) =

@@ -123,10 +123,15 @@ impl Server {
         }
         if node.auth.verifier().is_none() {
             tracing::warn!(
-                "no PUBGATE_JWT_SECRET or PUBGATE_JWT_PUBLIC_KEY_FILE: connections are anonymous \
-                 and every channel is open to everyone"
+                "no PUBGATE_JWT_SECRET, PUBGATE_JWT_PUBLIC_KEY_FILE or PUBGATE_JWT_JWKS_FILE: \
+                 connections are anonymous and every channel is open to everyone"
             );
         }
+        // Registered before serving, so a SIGHUP right after start-up is not lost (nor fatal).
+        let _reload_keys = match node.auth.verifier().filter(|v| v.is_key_set()) {
+            Some(_) => reload_keys_on_sighup(node.clone()).map(AbortOnDrop),
+            None => None,
+        };
         let sessions = TaskTracker::new();
         let http_stop = CancellationToken::new();
         let (client_surface, internal_accept) = match internal {
@@ -209,6 +214,41 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// With `PUBGATE_JWT_JWKS_FILE`: re-reads the key set on every SIGHUP, so keys rotate without a
+/// restart. A file that cannot be read or used keeps the previous keys and logs an error.
+fn reload_keys_on_sighup(node: Arc<Node>) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: JWKS reload disabled");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let Some(verifier) = node.auth.verifier() else {
+                    return;
+                };
+                match verifier.reload() {
+                    Ok(keys) => tracing::info!(keys, "SIGHUP: JWKS reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: JWKS reload failed; the previous keys stay in force"
+                    ),
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = node;
+        None
+    }
 }
 
 /// Aborts a spawned task when dropped.
