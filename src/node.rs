@@ -218,6 +218,32 @@ impl Node {
         }
     }
 
+    /// Ends subscriptions a refresh no longer permits. Deliveries stop first: the hub entries go
+    /// at once, before any lock wait or Redis call; then the members leave presence, then the
+    /// broker drops the channels left without a local subscriber. A subscribe racing in between
+    /// finds the channel absent and (re)subscribes the broker, which is idempotent; the
+    /// emptiness check under the channel lock then keeps the broker subscription.
+    pub async fn revoke(&self, outbox: &Outbox, channels: &[String]) {
+        if channels.is_empty() {
+            return;
+        }
+        let emptied: Vec<&String> = channels
+            .iter()
+            .filter(|channel| self.hub.remove(channel, outbox.key))
+            .collect();
+        if let Err(e) = self.presence.remove_all(outbox.conn_id(), channels).await {
+            tracing::warn!(error = %e, "presence remove failed; members expire with their ttl");
+        }
+        for channel in emptied {
+            let _guard = self.channel_lock(channel).lock().await;
+            if !self.hub.has_channel(channel) {
+                if let Err(e) = self.broker.unsubscribe(channel).await {
+                    tracing::warn!(error = %e, channel, "broker unsubscribe failed");
+                }
+            }
+        }
+    }
+
     async fn leave(&self, outbox: &Outbox, channel: &str) {
         let _guard = self.channel_lock(channel).lock().await;
         if self.hub.remove(channel, outbox.key) {

@@ -38,11 +38,13 @@ pub async fn apply<'a>(
         .cloned()
         .collect();
     lost.sort();
-    // The new permissions apply before the first unsubscribe awaits, so no request can slip in
-    // under the old ones (the reader runs one request at a time anyway).
+    // The new permissions apply before the first await, so no request can slip in under the
+    // old ones (the reader runs one request at a time anyway). Deliveries of every revoked
+    // channel stop before presence and the broker are cleaned up (see `Node::revoke`): a slow
+    // Redis delays the replies, never the revocation.
     session.permissions = identity.permissions;
+    session.node.revoke(&session.outbox, &lost).await;
     for channel in &lost {
-        session.node.unsubscribe(&session.outbox, channel).await;
         session.channels.remove(channel);
         let notice = Reply::Unsubscribed {
             channel,
