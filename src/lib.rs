@@ -26,6 +26,8 @@ mod control;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod health;
 mod http;
 mod hub;
 pub mod metrics;
