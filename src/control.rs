@@ -122,7 +122,11 @@ mod tests {
         let alice = [outbox(1, "alice"), outbox(2, "alice")];
         let bob = outbox(3, "bob");
         for o in alice.iter().chain([&bob]) {
-            router.users.insert(o.member.user.as_deref().unwrap(), o);
+            router.users.insert(
+                o.member.user.as_deref().unwrap(),
+                o,
+                std::time::Instant::now(),
+            );
         }
         for ignored in [
             &br#"["disconnect","alice"]"#[..],

@@ -238,6 +238,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         permissions: Permissions::granted(USER, &patterns(SUBSCRIBE), &patterns(PUBLISH)),
         exp: Some(EXP),
         info: None,
+        verified_at: std::time::Instant::now(),
     };
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     let (read, _) =

@@ -297,6 +297,49 @@ impl Node {
         }
     }
 
+    /// Ends subscriptions a refresh no longer permits (and the presence events watched on
+    /// them). Deliveries stop first: the hub entries go at once, before any lock wait or Redis
+    /// call; then the members leave presence (their leaves published), then the broker drops the
+    /// channels left without a local subscriber. A subscribe racing in between finds the channel
+    /// absent and (re)subscribes the broker, which is idempotent; the emptiness check under the
+    /// channel lock then keeps the broker subscription.
+    pub async fn revoke(&self, outbox: &Outbox, channels: &[String], watched: &[String]) {
+        let keys: Vec<String> = channels
+            .iter()
+            .cloned()
+            .chain(watched.iter().map(|c| events_channel(c)))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let emptied: Vec<&String> = keys
+            .iter()
+            .filter(|key| self.hub.remove(key, outbox.key))
+            .collect();
+        if !channels.is_empty() {
+            match self.presence.remove_all(outbox.conn_id(), channels).await {
+                Ok(leaves) => self.count_events(EventKind::Leave, leaves),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence remove failed; a reaper removes the members if this node dies")
+                }
+            }
+        }
+        for key in emptied {
+            let _guard = self.channel_lock(key).lock().await;
+            if self.hub.has_channel(key) {
+                continue;
+            }
+            if let Err(e) = self.broker.unsubscribe(key).await {
+                tracing::warn!(error = %e, channel = %key, "broker unsubscribe failed");
+            }
+            if !is_events_channel(key) {
+                if let Err(e) = self.presence.unindex(key).await {
+                    tracing::debug!(error = %e, channel = %key, "presence unindex failed");
+                }
+            }
+        }
+    }
+
     /// A drain's presence step: removes every member of this node in one batch (grouped by
     /// channel, pipelined, with their leaves) within `budget`, instead of one removal per
     /// closing connection. The members are taken now, before the connections are closed; the

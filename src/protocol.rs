@@ -223,7 +223,8 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// Checks a channel name: 1 to 200 bytes of `A-Z a-z 0-9 _ - . : @ /`.
+/// Checks a channel name: 1 to 200 bytes of `A-Z a-z 0-9 _ - . : @ / | + = ~` (v1.2 added the
+/// last four, so identity-provider subjects like `auth0|42` have a `user:` channel).
 pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("channel name is empty");
@@ -231,9 +232,9 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err("channel name is longer than 200 bytes");
     }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b);
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/|+=~".contains(&b);
     if !name.bytes().all(allowed) {
-        return Err("channel names may only contain A-Z a-z 0-9 _ - . : @ /");
+        return Err("channel names may only contain A-Z a-z 0-9 _ - . : @ / | + = ~");
     }
     Ok(())
 }
@@ -538,6 +539,12 @@ mod tests {
         assert!(validate_channel("a b").is_err());
         assert!(validate_channel("café").is_err());
         assert!(validate_channel("a*").is_err());
+        // v1.2: `| + = ~`, for identity-provider subjects in `user:` channels.
+        assert!(validate_channel("user:auth0|42").is_ok());
+        assert!(validate_channel("a+b=c~d").is_ok());
+        for bad in ["a#", "a,b", "a%20", "a\"b", "a\\b", "a^", "a`", "a'"] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Session {
     /// starts its expiry timer.
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, identity: Identity) -> Self {
         if let Some(user) = &identity.user {
-            node.users.insert(user, &outbox);
+            node.users.insert(user, &outbox, identity.verified_at);
         }
         let expiry = identity.exp.map(|exp| expiry::watch(outbox.clone(), exp));
         Session {
