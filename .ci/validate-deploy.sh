@@ -76,6 +76,16 @@ check "docker compose config (Compose v2) accepts docker-compose.yml, with and w
     bash -c '"$0" -f docker-compose.yml config -q && "$0" -f docker-compose.yml --profile demo config -q' \
     "$VENV/bin/docker-compose"
 
+# The deliberate exposure: the override opens the client port and demands a key. (This compose
+# build exits 0 even when interpolation fails, so the refusal is read from its message.)
+check_public() {
+    PUBGATE_JWT_SECRET=x "$1" -f docker-compose.yml -f deploy/compose.public.yml config -q || return 1
+    env -u PUBGATE_JWT_SECRET "$1" -f docker-compose.yml -f deploy/compose.public.yml config -q 2>&1 |
+        grep -q 'required variable PUBGATE_JWT_SECRET' || { echo "public override accepted without a key"; return 1; }
+}
+check "deploy/compose.public.yml applies over docker-compose.yml with a key, and refuses to without one" \
+    check_public "$VENV/bin/docker-compose"
+
 # ---------------------------------------------------------------- Dockerfile
 check "hadolint deploy/Dockerfile" "$VENV/bin/hadolint" deploy/Dockerfile
 check_dockerfile() {
@@ -208,6 +218,41 @@ if listed != present:
 EOF
 }
 check "kustomization.yaml lists every manifest" check_kustomization
+
+# ---------------------------------------------------------------- the public surface
+check_surface() {
+    "$PY" - <<'EOF'
+import re, sys, yaml
+errs = []
+c = yaml.safe_load(open("docker-compose.yml"))
+for name, svc in c["services"].items():
+    for p in svc.get("ports", []):
+        if not str(p).startswith("127.0.0.1:"):
+            errs.append("compose %s publishes %s beyond 127.0.0.1" % (name, p))
+port = lambda addr: addr.rsplit(":", 1)[1]
+internal = c["services"]["gateway"]["environment"].get("PUBGATE_INTERNAL_LISTEN")
+if not internal:
+    errs.append("compose gateway must set PUBGATE_INTERNAL_LISTEN (metrics off the client port)")
+prom = yaml.safe_load(open("deploy/prometheus/prometheus.yml"))
+job = [j for j in prom["scrape_configs"] if j["job_name"] == "pubgate"][0]
+if internal and str(job["dns_sd_configs"][0]["port"]) != port(internal):
+    errs.append("prometheus scrapes pubgate on %s, not the internal port %s" % (job["dns_sd_configs"][0]["port"], port(internal)))
+cm = yaml.safe_load(open("deploy/k8s/configmap.yaml"))["data"]
+dep = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
+ann = dep["spec"]["template"]["metadata"]["annotations"]
+if "PUBGATE_INTERNAL_LISTEN" not in cm or ann["prometheus.io/port"] != port(cm["PUBGATE_INTERNAL_LISTEN"]):
+    errs.append("k8s: prometheus.io/port must be the port of PUBGATE_INTERNAL_LISTEN")
+cfg = open("deploy/haproxy/haproxy.cfg").read()
+front = re.search(r"^frontend clients\n((?:[ \t].*\n)*)", cfg, re.M).group(1)
+if not re.search(r"^\s*http-request deny deny_status 40[34] unless \{ path /ws \}", front, re.M):
+    errs.append("haproxy frontend clients must forward /ws only")
+fmt = re.search(r"^\s*log-format (.*)$", front, re.M)
+if not fmt or re.search(r"%(\{[^}]*\})?r(?![a-z])|%HU|%HQ|query", fmt.group(1)):
+    errs.append("haproxy frontend clients needs a log-format without the query string")
+sys.exit("\n".join(errs) or None)
+EOF
+}
+check "surface: compose ports on 127.0.0.1, metrics scraped on the internal address, HAProxy forwards /ws only and logs no query string" check_surface
 
 # ---------------------------------------------------------------- drain timing across files
 check_timing() {

@@ -23,11 +23,20 @@ pub enum LogFormat {
 }
 
 /// Everything a node needs to run. Defaults are the contract's.
-#[derive(Debug, Clone, Args)]
+///
+/// `Debug` is written by hand: it redacts the secrets (JWT secret, API key, a Redis URL's
+/// password), because configurations end up in logs and panic messages.
+#[derive(Clone, Args)]
 pub struct Config {
-    /// Address for WebSocket clients, health checks and metrics.
+    /// Address for WebSocket clients and health checks; also metrics (and `/api/*`) unless
+    /// `PUBGATE_INTERNAL_LISTEN` is set.
     #[arg(long, env = "PUBGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Internal address (plain HTTP) for `/metrics`, `/api/*`, `/healthz` and `/readyz`. Set, the
+    /// client address no longer serves `/metrics` and `/api/*`. Unset: everything on `listen`.
+    #[arg(long, env = "PUBGATE_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
 
     /// Redis URL (`redis://[user:password@]host:port/`, or `rediss://` for TLS). Unset (and no
     /// cluster URLs): embedded single-node in-memory broker.
@@ -64,6 +73,10 @@ pub struct Config {
     /// How long a crashed node's presence members may linger.
     #[arg(long, env = "PUBGATE_PRESENCE_TTL", default_value = "30s", value_parser = duration_of("PUBGATE_PRESENCE_TTL"))]
     pub presence_ttl: Duration,
+
+    /// Most members listed in one presence reply (`count` stays exact; `truncated` marks a cut).
+    #[arg(long, env = "PUBGATE_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
 
     /// Largest incoming WebSocket message in bytes (all fragments together); larger: close 1009.
     #[arg(long, env = "PUBGATE_MAX_MESSAGE_SIZE", default_value_t = 65536)]
@@ -106,6 +119,23 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
+    /// JWKS file (RSA or P-256 public keys, each with a `kid`); a token's `kid` picks the key.
+    /// Re-read on SIGHUP (a bad file keeps the previous keys).
+    #[arg(long, env = "PUBGATE_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// When set, tokens must carry this `aud` (a string, or an array containing it).
+    #[arg(long, env = "PUBGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "PUBGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Key for the HTTP server API (`Authorization: apikey <key>`); unset: `/api/*` answers 404.
+    #[arg(long, env = "PUBGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Client messages per second per connection (token bucket refill); `0` = unlimited.
     #[arg(long, env = "PUBGATE_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
@@ -130,6 +160,13 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Serve the operator console at `GET /console` (a page and the JS client, no secrets).
+    /// Off by default: `/console` is then a 404 like any unknown path.
+    #[arg(long, env = "PUBGATE_CONSOLE", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub console: bool,
+
     /// Log format: `text` or `json`. Levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "PUBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -139,6 +176,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            internal_listen: None,
             redis_url: None,
             redis_cluster_urls: None,
             redis_ca_file: None,
@@ -147,6 +185,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(30),
+            presence_max_members: 1000,
             max_message_size: 65536,
             max_subscriptions: 256,
             send_queue: 1024,
@@ -157,14 +196,80 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             jwt_secret: None,
             jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            api_key: None,
             rate_limit: 100,
             rate_burst: 200,
             max_connections: 0,
             allowed_origins: None,
             tls_cert: None,
             tls_key: None,
+            console: false,
             log_format: LogFormat::Text,
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |set: bool| if set { Some("<redacted>") } else { None };
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("internal_listen", &self.internal_listen)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("node_id", &self.node_id)
+            .field("ping_interval", &self.ping_interval)
+            .field("pong_timeout", &self.pong_timeout)
+            .field("presence_ttl", &self.presence_ttl)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("send_queue", &self.send_queue)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("drain_delay", &self.drain_delay)
+            .field("broker_probe_interval", &self.broker_probe_interval)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("jwt_secret", &redacted(self.jwt_secret.is_some()))
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_jwks_file", &self.jwt_jwks_file)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("api_key", &redacted(self.api_key.is_some()))
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_burst", &self.rate_burst)
+            .field("max_connections", &self.max_connections)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A URL with the password of its userinfo (`redis://user:password@host/`) replaced; a URL that
+/// does not parse is redacted whole after its scheme, since it may still hold a password.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<redacted>".into();
+    };
+    // The userinfo ends at the last `@` before the path.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let user = if userinfo.contains(':') { user } else { "" };
+            let shown = if user.is_empty() {
+                "<redacted>".to_string()
+            } else {
+                format!("{user}:<redacted>")
+            };
+            format!("{scheme}://{shown}{}", &rest[at..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -188,6 +293,7 @@ impl Config {
         let counts = [
             ("PUBGATE_MAX_MESSAGE_SIZE", self.max_message_size),
             ("PUBGATE_MAX_SUBSCRIPTIONS", self.max_subscriptions),
+            ("PUBGATE_PRESENCE_MAX_MEMBERS", self.presence_max_members),
             ("PUBGATE_SEND_QUEUE", self.send_queue),
         ];
         for (name, value) in counts {
@@ -198,7 +304,7 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "PUBGATE_PRESENCE_TTL",
-                "must be at least 1s (members are refreshed every third of it)",
+                "must be at least 1s (each node's heartbeat runs every tenth of it)",
             ));
         }
         if self.drain_delay >= self.shutdown_timeout {
@@ -243,11 +349,44 @@ impl Config {
                 ConfigError::invalid("PUBGATE_REDIS_CA_FILE", format!("{}: {e}", path.display()))
             })?;
         }
-        if self.jwt_secret.is_some() && self.jwt_public_key_file.is_some() {
+        let keys = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key_file.is_some(),
+            self.jwt_jwks_file.is_some(),
+        ];
+        if keys.iter().filter(|set| **set).count() > 1 {
             return Err(ConfigError::invalid(
                 "PUBGATE_JWT_SECRET",
-                "set either PUBGATE_JWT_SECRET (HS256) or PUBGATE_JWT_PUBLIC_KEY_FILE \
-                 (RS256/ES256), not both",
+                "set one of PUBGATE_JWT_SECRET (HS256), PUBGATE_JWT_PUBLIC_KEY_FILE \
+                 (RS256/ES256) or PUBGATE_JWT_JWKS_FILE, not both or all three",
+            ));
+        }
+        for (name, value) in [
+            ("PUBGATE_JWT_AUDIENCE", &self.jwt_audience),
+            ("PUBGATE_JWT_ISSUER", &self.jwt_issuer),
+            ("PUBGATE_API_KEY", &self.api_key),
+        ] {
+            if value.as_deref() == Some("") {
+                return Err(ConfigError::invalid(
+                    name,
+                    "must not be empty (unset it instead)",
+                ));
+            }
+        }
+        if (self.jwt_audience.is_some() || self.jwt_issuer.is_some()) && !keys.contains(&true) {
+            return Err(ConfigError::invalid(
+                "PUBGATE_JWT_AUDIENCE",
+                "PUBGATE_JWT_AUDIENCE and PUBGATE_JWT_ISSUER need a key (PUBGATE_JWT_SECRET, \
+                 PUBGATE_JWT_PUBLIC_KEY_FILE or PUBGATE_JWT_JWKS_FILE): connections are anonymous",
+            ));
+        }
+        if self
+            .internal_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            return Err(ConfigError::invalid(
+                "PUBGATE_INTERNAL_LISTEN",
+                "must differ from PUBGATE_LISTEN",
             ));
         }
         if self.jwt_secret.as_deref() == Some("") {
@@ -465,6 +604,50 @@ mod tests {
             ..Config::default()
         });
         assert!(ca_missing.contains("/nonexistent/ca.pem"), "{ca_missing}");
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let cfg = Config {
+            jwt_secret: Some("hs-secret-value".into()),
+            api_key: Some("api-key-value".into()),
+            redis_url: Some("redis://app:redis-pass-value@redis:6379/0".into()),
+            ..Config::default()
+        };
+        let shown = format!("{cfg:?}");
+        for secret in ["hs-secret-value", "api-key-value", "redis-pass-value"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("redis://app:<redacted>@redis:6379/0"),
+            "{shown}"
+        );
+        assert_eq!(redact_url("redis://:pw@h:1/"), "redis://<redacted>@h:1/");
+        assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
+        assert_eq!(redact_url("redis://u:p@ss@h/"), "redis://u:<redacted>@h/");
+        assert_eq!(redact_url("nonsense"), "<redacted>");
+    }
+
+    #[test]
+    fn one_key_source_only_and_claims_need_a_key() {
+        let err = |cfg: Config| cfg.validate().unwrap_err().to_string();
+        let two = err(Config {
+            jwt_public_key_file: Some("/k.pem".into()),
+            jwt_jwks_file: Some("/k.json".into()),
+            ..Config::default()
+        });
+        assert!(two.contains("PUBGATE_JWT_JWKS_FILE"), "{two}");
+        let aud = err(Config {
+            jwt_audience: Some("pubgate".into()),
+            ..Config::default()
+        });
+        assert!(aud.contains("PUBGATE_JWT_AUDIENCE"), "{aud}");
+        let same = err(Config {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            internal_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Config::default()
+        });
+        assert!(same.contains("PUBGATE_INTERNAL_LISTEN"), "{same}");
     }
 
     #[test]

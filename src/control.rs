@@ -16,6 +16,7 @@ use crate::broker::MessageSink;
 use crate::conn::CloseReason;
 use crate::hub::Hub;
 use crate::node::Node;
+use crate::presence::is_events_channel;
 use crate::users::Users;
 
 /// The control channel's name (without the node's channel prefix).
@@ -31,6 +32,8 @@ impl MessageSink for Router {
     fn deliver(&self, channel: &str, payload: &[u8]) {
         if channel == CONTROL_CHANNEL {
             self.control(payload);
+        } else if is_events_channel(channel) {
+            self.hub.deliver_event(channel, payload);
         } else {
             self.hub.deliver(channel, payload);
         }
@@ -104,6 +107,7 @@ mod tests {
             conn_id: format!("c{key}"),
             node: "n".into(),
             user: Some(user.into()),
+            info: None,
         };
         Arc::new(Outbox::new(key, member, 1))
     }
@@ -118,7 +122,11 @@ mod tests {
         let alice = [outbox(1, "alice"), outbox(2, "alice")];
         let bob = outbox(3, "bob");
         for o in alice.iter().chain([&bob]) {
-            router.users.insert(o.member.user.as_deref().unwrap(), o);
+            router.users.insert(
+                o.member.user.as_deref().unwrap(),
+                o,
+                std::time::Instant::now(),
+            );
         }
         for ignored in [
             &br#"["disconnect","alice"]"#[..],

@@ -98,9 +98,10 @@ pub fn parse_request(bytes: &[u8]) {
                 conn_id: "0123456789abcdef".into(),
                 node: "fuzz".into(),
                 user: Some(USER.into()),
+                info: None,
             }];
             let (name, reply, channel) = match &request.command {
-                Command::Subscribe { channel } => {
+                Command::Subscribe { channel, .. } => {
                     let channel: &str = channel;
                     let reply = Reply::Subscribed {
                         channel,
@@ -127,13 +128,14 @@ pub fn parse_request(bytes: &[u8]) {
                     };
                     ("publish", reply.encode(), Some(channel))
                 }
-                Command::Presence { channel } => {
+                Command::Presence { channel, .. } => {
                     let channel: &str = channel;
                     let reply = Reply::Presence {
                         channel,
                         id: request.id,
                         count: member.len(),
-                        members: &member,
+                        members: Some(&member),
+                        truncated: false,
                     };
                     ("presence", reply.encode(), Some(channel))
                 }
@@ -227,6 +229,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         conn_id: format!("{key:016x}"),
         node: node.id.clone(),
         user: Some(USER.into()),
+        info: None,
     };
     let outbox = Arc::new(Outbox::new(key, member, node.limits.send_queue));
     let patterns = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
@@ -234,6 +237,8 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         user: Some(USER.into()),
         permissions: Permissions::granted(USER, &patterns(SUBSCRIBE), &patterns(PUBLISH)),
         exp: Some(EXP),
+        info: None,
+        verified_at: std::time::Instant::now(),
     };
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     let (read, _) =

@@ -1,6 +1,12 @@
-//! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`; 404 otherwise. A build with the
-//! `autobahn` feature also has `/echo`: the same upgrade and connection code in echo mode, for
+//! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/*`; 404 otherwise. A build with
+//! the `autobahn` feature also has `/echo`: the same upgrade and connection code in echo mode, for
 //! the Autobahn TestSuite (`.ci/autobahn.sh`); the product binary has no such route.
+//!
+//! Which routes a listener serves is its [`Surface`]: with `PUBGATE_INTERNAL_LISTEN` set, the
+//! client address serves `/ws`, `/healthz`, `/readyz` only and the internal one `/metrics`,
+//! `/api/*`, `/healthz`, `/readyz` (no WebSocket); unset, one address serves everything (v1).
+//! A route a surface does not serve answers 404, exactly like an unknown path, so the client
+//! address gives away nothing about the internal routes.
 //!
 //! The service never returns an error: hyper aborts a connection whose service fails, and a
 //! client deserves a status code rather than a dropped socket. Upgrades are refused, before any
@@ -20,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
 use crate::conn;
+use crate::console;
 use crate::node::Node;
 
 pub type Body = Full<Bytes>;
@@ -29,18 +36,52 @@ pub type Body = Full<Bytes>;
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub std::net::SocketAddr);
 
+/// The routes one listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `PUBGATE_INTERNAL_LISTEN` unset: the one listener serves every route (v1).
+    All,
+    /// The client address while an internal one is set: `/ws`, `/healthz`, `/readyz`.
+    Client,
+    /// `PUBGATE_INTERNAL_LISTEN`: `/metrics`, `/api/*`, `/healthz`, `/readyz`.
+    Internal,
+}
+
+impl Surface {
+    fn websocket(self) -> bool {
+        self != Surface::Internal
+    }
+
+    fn operations(self) -> bool {
+        self != Surface::Client
+    }
+}
+
 /// Routes one request. WebSocket sessions are spawned on `sessions` so shutdown can wait for them.
 pub async fn handle(
     req: Request<Incoming>,
     node: Arc<Node>,
     sessions: TaskTracker,
+    surface: Surface,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    if path.starts_with("/api/") || path == "/api" {
+        if !surface.operations() {
+            return Ok(not_found());
+        }
+        // ---- HTTP server API (history helper): `crate::api::handle(req, node).await` goes here.
+        // Until src/api.rs exists, `/api/*` answers 404 on the surfaces that will serve it.
+        return Ok(not_found());
+    }
     Ok(match path {
+        "/ws" if !surface.websocket() => not_found(),
+        "/metrics" if !surface.operations() => not_found(),
         "/ws" if req.method() == Method::GET => upgrade(req, node, sessions, conn::Mode::Gateway),
         #[cfg(feature = "autobahn")]
-        "/echo" if req.method() == Method::GET => upgrade(req, node, sessions, conn::Mode::Echo),
+        "/echo" if req.method() == Method::GET && surface.websocket() => {
+            upgrade(req, node, sessions, conn::Mode::Echo)
+        }
         "/healthz" if get => text(StatusCode::OK, "ok\n"),
         "/readyz" if get => match node.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -54,6 +95,10 @@ pub async fn handle(
             );
             response
         }
+        // The console talks to `/ws`, so it lives where the WebSocket does.
+        p if surface.websocket() && (p == "/console" || p.starts_with("/console/")) => {
+            console::respond(&node, p, get)
+        }
         "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response
@@ -61,8 +106,12 @@ pub async fn handle(
                 .insert(ALLOW, HeaderValue::from_static("GET"));
             response
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => not_found(),
     })
+}
+
+fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "not found\n")
 }
 
 /// Answers a `GET /ws`: refusals in the contract's order, then the 101 and a session task.

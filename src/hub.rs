@@ -11,9 +11,10 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::{Arc, RwLock};
 
 use crate::broker::MessageSink;
+use crate::conn::frame;
 use crate::conn::{Outbox, Push};
 use crate::metrics::Metrics;
-use crate::presence::Member;
+use crate::presence::{event_conn_id, is_events_channel, Member};
 use crate::protocol::encode_delivery;
 
 const SHARDS: usize = 64;
@@ -53,13 +54,18 @@ impl Hub {
     /// Adds a subscriber; returns false if it was already subscribed.
     pub fn add(&self, channel: &str, outbox: &Arc<Outbox>) -> bool {
         let mut shard = write(self.shard(channel));
+        // Presence-event entries are not subscriptions a client made: they stay out of the gauges.
+        let counted = !is_events_channel(channel);
         let subscribers = shard.entry(channel.into()).or_insert_with(|| {
-            self.metrics.channels.inc();
+            if counted {
+                self.metrics.channels.inc();
+            }
             Subscribers::new()
         });
         let added = subscribers.insert(outbox.key, outbox.clone()).is_none();
-        if added {
+        if added && counted {
             self.metrics.subscriptions.inc();
+            self.metrics.presence_members.inc();
         }
         added
     }
@@ -70,22 +76,29 @@ impl Hub {
         let Some(subscribers) = shard.get_mut(channel) else {
             return true;
         };
-        if subscribers.remove(&key).is_some() {
+        let counted = !is_events_channel(channel);
+        if subscribers.remove(&key).is_some() && counted {
             self.metrics.subscriptions.dec();
+            self.metrics.presence_members.dec();
         }
         if subscribers.is_empty() {
             shard.remove(channel);
-            self.metrics.channels.dec();
+            if counted {
+                self.metrics.channels.dec();
+            }
             return true;
         }
         false
     }
 
-    /// Every (channel, member) pair of this node, for the presence refresh.
+    /// Every (channel, member) pair of this node, for a presence restore or a drain.
     pub fn members(&self) -> Vec<(String, Member)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (channel, subscribers) in read(shard).iter() {
+                if is_events_channel(channel) {
+                    continue;
+                }
                 out.extend(
                     subscribers
                         .values()
@@ -94,6 +107,47 @@ impl Hub {
             }
         }
         out
+    }
+}
+
+impl Hub {
+    /// Delivers a presence event (its payload is the client frame's JSON, as published by the
+    /// presence store) to the connections that asked for `key`'s events, except the member the
+    /// event is about: nobody is told about its own join or leave. Encoded once per node and
+    /// queued like any delivery, so a join storm meets the same send budget as messages.
+    pub fn deliver_event(&self, key: &str, payload: &[u8]) {
+        let Some(conn_id) = event_conn_id(payload) else {
+            tracing::debug!(key, "presence event ignored: not an event");
+            return;
+        };
+        let shard = read(self.shard(key));
+        let Some(subscribers) = shard.get(key) else {
+            return;
+        };
+        let frame = frame::text(payload.len(), |out| out.extend_from_slice(payload));
+        let (mut queued, mut dropped) = (0, 0);
+        for outbox in subscribers.values() {
+            if outbox.conn_id() == conn_id {
+                continue;
+            }
+            match outbox.try_push(frame.clone()) {
+                Push::Queued => queued += 1,
+                Push::Full => dropped += 1,
+                Push::Closed => {}
+            }
+        }
+        drop(shard);
+        self.count(queued, dropped);
+    }
+
+    fn count(&self, queued: u64, dropped: u64) {
+        self.metrics.messages_delivered.inc_by(queued);
+        if dropped > 0 {
+            self.metrics
+                .messages_dropped
+                .with_label_values(&["slow_consumer"])
+                .inc_by(dropped);
+        }
     }
 }
 
@@ -113,13 +167,7 @@ impl MessageSink for Hub {
             }
         }
         drop(shard);
-        self.metrics.messages_delivered.inc_by(queued);
-        if dropped > 0 {
-            self.metrics
-                .messages_dropped
-                .with_label_values(&["slow_consumer"])
-                .inc_by(dropped);
-        }
+        self.count(queued, dropped);
     }
 }
 

@@ -7,7 +7,7 @@
 //! # Layout
 //! - [`config`]: every `PUBGATE_*` setting.
 //! - `server`: binds the listener, runs the accept loop and the graceful shutdown.
-//! - `http`: routes `/ws`, `/healthz`, `/readyz`, `/metrics`.
+//! - `http`: routes `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/*` per listener surface.
 //! - `conn`: one WebSocket connection: a reader, a writer with a bounded queue, the ping timer.
 //! - `protocol` and `cmd`: client messages, replies, one file per command.
 //! - `hub`: local channel -> subscriber registry and fan-out; calls the broker on the first and
@@ -16,16 +16,20 @@
 //! - [`metrics`]: the Prometheus registry of one node.
 //! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
 //!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
+//! - `console`: the optional operator page at `/console` and the JS client it runs on.
 
 mod auth;
 pub mod broker;
 mod cmd;
 pub mod config;
 mod conn;
+mod console;
 mod control;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod health;
 mod http;
 mod hub;
 pub mod metrics;

@@ -19,7 +19,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Exit 0 if a node's /readyz answers 200, else 1 (for container health checks; no curl
-    /// needed). Default URL: http://127.0.0.1:<port of PUBGATE_LISTEN>/readyz.
+    /// needed). Default URL: the internal address when PUBGATE_INTERNAL_LISTEN is set, else
+    /// PUBGATE_LISTEN (https when PUBGATE_TLS_CERT is set; the certificate is not verified);
+    /// 0.0.0.0 / :: are reached on loopback.
     Health {
         #[arg(long)]
         url: Option<String>,
@@ -36,8 +38,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Health { url }) = cli.command {
-        let url =
-            url.unwrap_or_else(|| format!("http://127.0.0.1:{}/readyz", cli.config.listen.port()));
+        let url = url.unwrap_or_else(|| pubgate::health::default_url(&cli.config));
         return runtime.block_on(health(&url));
     }
     init_tracing(cli.config.log_format);
@@ -83,7 +84,7 @@ async fn shutdown_signal() {
 
 /// One GET with a 2 s budget; prints the outcome for `docker inspect`.
 async fn health(url: &str) -> ExitCode {
-    match tokio::time::timeout(Duration::from_secs(2), get_status(url)).await {
+    match tokio::time::timeout(Duration::from_secs(2), pubgate::health::status(url)).await {
         Ok(Ok(200)) => {
             println!("ready");
             ExitCode::SUCCESS
@@ -101,21 +102,4 @@ async fn health(url: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn get_status(url: &str) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
-    use http_body_util::Empty;
-    use hyper_util::rt::TokioIo;
-
-    let uri: hyper::Uri = url.parse()?;
-    let host = uri.host().ok_or("url has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port)).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = hyper::Request::get(uri.path())
-        .header(hyper::header::HOST, format!("{host}:{port}"))
-        .body(Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    Ok(response.status().as_u16())
 }

@@ -9,6 +9,8 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Presence event types counted when this node publishes them.
+pub const PRESENCE_EVENT_TYPES: &[&str] = &["join", "leave"];
 /// Reasons a message was dropped instead of delivered.
 pub const DROP_REASONS: &[&str] = &["slow_consumer"];
 /// Reasons an upgrade was refused.
@@ -70,6 +72,11 @@ pub struct Metrics {
     pub publish_duration: Histogram,
     /// Time to answer a presence query.
     pub presence_duration: Histogram,
+    /// Presence members (subscribed connections) on this node.
+    pub presence_members: IntGauge,
+    /// Presence join/leave events this node published (its members', and dead nodes' leaves it
+    /// reaped), by `type`.
+    pub presence_events: IntCounterVec,
     /// Upgrades refused, by reason.
     pub upgrades_rejected: IntCounterVec,
     /// Client requests answered with an error, by reason (the error code).
@@ -131,6 +138,17 @@ impl Metrics {
                 )
                 .buckets(latency_buckets),
             )?,
+            presence_members: IntGauge::new(
+                "pubgate_presence_members",
+                "Presence members (subscribed connections) on this node",
+            )?,
+            presence_events: IntCounterVec::new(
+                Opts::new(
+                    "pubgate_presence_events_published_total",
+                    "Presence join/leave events published by this node",
+                ),
+                &["type"],
+            )?,
             upgrades_rejected: IntCounterVec::new(
                 Opts::new("pubgate_upgrades_rejected_total", "Upgrades refused"),
                 &["reason"],
@@ -168,11 +186,14 @@ impl Metrics {
         r.register(Box::new(self.broker_reconnects.clone()))?;
         r.register(Box::new(self.publish_duration.clone()))?;
         r.register(Box::new(self.presence_duration.clone()))?;
+        r.register(Box::new(self.presence_members.clone()))?;
+        r.register(Box::new(self.presence_events.clone()))?;
         r.register(Box::new(self.upgrades_rejected.clone()))?;
         r.register(Box::new(self.requests_rejected.clone()))?;
         r.register(Box::new(self.disconnects.clone()))?;
         let labelled = [
             (&self.messages_dropped, DROP_REASONS),
+            (&self.presence_events, PRESENCE_EVENT_TYPES),
             (&self.upgrades_rejected, UPGRADE_REJECT_REASONS),
             (&self.requests_rejected, REQUEST_REJECT_REASONS),
             (&self.disconnects, DISCONNECT_REASONS),
@@ -216,6 +237,10 @@ mod tests {
             "pubgate_broker_up ",
             "pubgate_broker_reconnects_total ",
             "pubgate_publish_duration_seconds_bucket",
+            "pubgate_presence_query_duration_seconds_bucket",
+            "pubgate_presence_members ",
+            "pubgate_presence_events_published_total{type=\"join\"} ",
+            "pubgate_presence_events_published_total{type=\"leave\"} ",
             "pubgate_disconnects_total{reason=\"pong_timeout\"} ",
             "pubgate_disconnects_total{reason=\"token_expired\"} ",
             "pubgate_disconnects_total{reason=\"control\"} ",

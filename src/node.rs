@@ -4,7 +4,9 @@
 //! a channel on the broker when its first local subscriber arrives and unsubscribes it after the
 //! last one leaves. Those two steps are serialised per channel by a small array of async locks
 //! (indexed by channel hash), so racing clients always leave the node subscribed on the broker
-//! exactly when it has local subscribers; unrelated channels rarely share a lock.
+//! exactly when it has local subscribers; unrelated channels rarely share a lock. A connection
+//! that asked for a channel's presence events is also a local subscriber of the broker channel
+//! `__presence:<channel>`, through the same machinery.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +27,9 @@ use crate::error::{BrokerError, Error};
 use crate::hub::{channel_slot, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
-use crate::presence::{Member, MemoryPresence, Presence, RedisPresence};
+use crate::presence::{
+    events_channel, is_events_channel, EventKind, Listing, MemoryPresence, Presence, RedisPresence,
+};
 use crate::redis_commands::RedisCommands;
 use crate::shutdown::Drain;
 use crate::users::Users;
@@ -48,6 +52,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time to send request headers (and finish a TLS handshake).
     pub handshake_timeout: Duration,
+    /// Most members in one presence reply.
+    pub presence_max_members: usize,
 }
 
 /// Shared state of one node; connections hold it as `Arc<Node>`.
@@ -65,11 +71,16 @@ pub struct Node {
     pub origins: Option<AllowedOrigins>,
     /// Authenticated connections by user, for control disconnects.
     pub users: Arc<Users>,
+    /// Whether `/console` is served (`PUBGATE_CONSOLE`).
+    pub console: bool,
     /// Set once the broker took the `__control` subscription (see [`control::subscribe`]).
     pub(crate) control_live: AtomicBool,
     /// Admitted WebSocket connections (see [`Node::admit`]); exact, unlike the gauge, because
     /// the cap is checked against it.
     admitted: AtomicUsize,
+    /// Set when a drain removed this node's members in one batch: closing connections then
+    /// skip their own presence removal.
+    presence_released: AtomicBool,
     /// Serialise broker subscribe/unsubscribe per channel (see the module doc).
     channel_locks: Box<[Mutex<()>]>,
     next_key: AtomicU64,
@@ -113,13 +124,15 @@ impl Node {
                     commands,
                     config.channel_prefix.clone(),
                     config.presence_ttl,
+                    id.clone(),
                 );
                 (Arc::new(broker), Arc::new(presence))
             }
-            None => (
-                Arc::new(MemoryBroker::new(sink)),
-                Arc::new(MemoryPresence::new()),
-            ),
+            None => {
+                let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(sink));
+                let presence = MemoryPresence::with_events(broker.clone());
+                (broker, Arc::new(presence))
+            }
             Some(url) => {
                 let commands = Arc::new(RedisCommands::with_ca(
                     url,
@@ -139,6 +152,7 @@ impl Node {
                     commands,
                     config.channel_prefix.clone(),
                     config.presence_ttl,
+                    id.clone(),
                 );
                 (Arc::new(broker), Arc::new(presence))
             }
@@ -156,6 +170,7 @@ impl Node {
                 rate_burst: config.rate_burst,
                 max_connections: config.max_connections,
                 handshake_timeout: config.handshake_timeout,
+                presence_max_members: config.presence_max_members,
             },
             hub,
             broker,
@@ -165,16 +180,18 @@ impl Node {
             auth,
             origins,
             users,
+            console: config.console,
             control_live: AtomicBool::new(false),
             admitted: AtomicUsize::new(0),
+            presence_released: AtomicBool::new(false),
             channel_locks: (0..CHANNEL_LOCKS).map(|_| Mutex::new(())).collect(),
             next_key: AtomicU64::new(1),
         });
         control::subscribe(&node).await;
         if config.uses_redis() {
-            tokio::spawn(refresh_presence(
+            tokio::spawn(heartbeat(
                 Arc::downgrade(&node),
-                config.presence_ttl / 3,
+                RedisPresence::beat_interval(config.presence_ttl),
             ));
         }
         Ok(node)
@@ -215,49 +232,184 @@ impl Node {
         &self.channel_locks[channel_slot(channel, CHANNEL_LOCKS)]
     }
 
-    /// Subscribes a connection; returns once the subscription is live on the broker and the
-    /// member is visible in presence.
-    pub async fn subscribe(&self, outbox: &Arc<Outbox>, channel: &str) -> Result<(), BrokerError> {
-        {
-            let _guard = self.channel_lock(channel).lock().await;
-            if !self.hub.has_channel(channel) {
-                self.broker.subscribe(channel).await?;
-            }
-            self.hub.add(channel, outbox);
+    /// Makes `outbox` a local subscriber of `key` (a channel, or a channel's events channel):
+    /// the node subscribes the broker on the first one.
+    async fn attach(&self, outbox: &Arc<Outbox>, key: &str) -> Result<(), BrokerError> {
+        let _guard = self.channel_lock(key).lock().await;
+        if !self.hub.has_channel(key) {
+            self.broker.subscribe(key).await?;
         }
-        if let Err(e) = self.presence.add(channel, &outbox.member).await {
-            self.leave(outbox, channel).await;
-            return Err(e);
-        }
+        self.hub.add(key, outbox);
         Ok(())
     }
 
-    /// Unsubscribes a connection; the member is gone from presence when this returns.
-    pub async fn unsubscribe(&self, outbox: &Outbox, channel: &str) {
-        if let Err(e) = self.presence.remove(channel, outbox.conn_id()).await {
-            tracing::warn!(error = %e, channel, "presence remove failed; the member expires with its ttl");
+    /// Undoes [`Node::attach`]: after the last local subscriber the broker is unsubscribed and,
+    /// for a channel, the presence store told that this node has no member left there.
+    async fn detach(&self, outbox: &Outbox, key: &str) {
+        let _guard = self.channel_lock(key).lock().await;
+        if self.hub.remove(key, outbox.key) {
+            if let Err(e) = self.broker.unsubscribe(key).await {
+                tracing::warn!(error = %e, channel = key, "broker unsubscribe failed");
+            }
+            if !is_events_channel(key) {
+                if let Err(e) = self.presence.unindex(key).await {
+                    tracing::debug!(error = %e, channel = key, "presence unindex failed");
+                }
+            }
         }
-        self.leave(outbox, channel).await;
     }
 
-    /// Removes a closed connection from every channel it had (or was joining or leaving).
-    pub async fn disconnect(&self, outbox: &Outbox, channels: &[String]) {
+    fn count_events(&self, kind: EventKind, n: usize) {
+        if n > 0 {
+            self.metrics
+                .presence_events
+                .with_label_values(&[kind.as_str()])
+                .inc_by(n as u64);
+        }
+    }
+
+    /// Subscribes a connection; returns once the subscription is live on the broker and the
+    /// member is visible in presence (its join published).
+    pub async fn subscribe(&self, outbox: &Arc<Outbox>, channel: &str) -> Result<(), BrokerError> {
+        self.attach(outbox, channel).await?;
+        match self.presence.add(channel, &outbox.member).await {
+            Ok(joined) => {
+                self.count_events(EventKind::Join, joined as usize);
+                Ok(())
+            }
+            Err(e) => {
+                self.detach(outbox, channel).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts delivering `channel`'s join/leave events to the connection; they flow once this
+    /// returns.
+    pub async fn watch_presence(
+        &self,
+        outbox: &Arc<Outbox>,
+        channel: &str,
+    ) -> Result<(), BrokerError> {
+        self.attach(outbox, &events_channel(channel)).await
+    }
+
+    /// Stops delivering `channel`'s presence events to the connection.
+    pub async fn unwatch_presence(&self, outbox: &Outbox, channel: &str) {
+        self.detach(outbox, &events_channel(channel)).await
+    }
+
+    /// Unsubscribes a connection; the member is gone from presence (its leave published) when
+    /// this returns.
+    pub async fn unsubscribe(&self, outbox: &Outbox, channel: &str) {
+        match self.presence.remove(channel, outbox.conn_id()).await {
+            Ok(leaves) => self.count_events(EventKind::Leave, leaves),
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "presence remove failed; a reaper removes the member if this node dies")
+            }
+        }
+        self.detach(outbox, channel).await;
+    }
+
+    /// Removes a closed connection from every channel it had (or was joining or leaving) and
+    /// from the presence events it watched.
+    pub async fn disconnect(&self, outbox: &Outbox, channels: &[String], watched: &[String]) {
+        for channel in watched {
+            self.unwatch_presence(outbox, channel).await;
+        }
         if channels.is_empty() {
             return;
         }
-        if let Err(e) = self.presence.remove_all(outbox.conn_id(), channels).await {
-            tracing::warn!(error = %e, "presence remove failed; members expire with their ttl");
+        if !self.presence_released.load(Ordering::Acquire) {
+            match self.presence.remove_all(outbox.conn_id(), channels).await {
+                Ok(leaves) => self.count_events(EventKind::Leave, leaves),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence remove failed; a reaper removes the members if this node dies")
+                }
+            }
         }
         for channel in channels {
-            self.leave(outbox, channel).await;
+            self.detach(outbox, channel).await;
         }
     }
 
-    async fn leave(&self, outbox: &Outbox, channel: &str) {
-        let _guard = self.channel_lock(channel).lock().await;
-        if self.hub.remove(channel, outbox.key) {
-            if let Err(e) = self.broker.unsubscribe(channel).await {
-                tracing::warn!(error = %e, channel, "broker unsubscribe failed");
+    /// Ends subscriptions a refresh no longer permits (and the presence events watched on
+    /// them). Deliveries stop first: the hub entries go at once, before any lock wait or Redis
+    /// call; then the members leave presence (their leaves published), then the broker drops the
+    /// channels left without a local subscriber. A subscribe racing in between finds the channel
+    /// absent and (re)subscribes the broker, which is idempotent; the emptiness check under the
+    /// channel lock then keeps the broker subscription.
+    pub async fn revoke(&self, outbox: &Outbox, channels: &[String], watched: &[String]) {
+        let keys: Vec<String> = channels
+            .iter()
+            .cloned()
+            .chain(watched.iter().map(|c| events_channel(c)))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let emptied: Vec<&String> = keys
+            .iter()
+            .filter(|key| self.hub.remove(key, outbox.key))
+            .collect();
+        if !channels.is_empty() {
+            match self.presence.remove_all(outbox.conn_id(), channels).await {
+                Ok(leaves) => self.count_events(EventKind::Leave, leaves),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence remove failed; a reaper removes the members if this node dies")
+                }
+            }
+        }
+        for key in emptied {
+            let _guard = self.channel_lock(key).lock().await;
+            if self.hub.has_channel(key) {
+                continue;
+            }
+            if let Err(e) = self.broker.unsubscribe(key).await {
+                tracing::warn!(error = %e, channel = %key, "broker unsubscribe failed");
+            }
+            if !is_events_channel(key) {
+                if let Err(e) = self.presence.unindex(key).await {
+                    tracing::debug!(error = %e, channel = %key, "presence unindex failed");
+                }
+            }
+        }
+    }
+
+    /// A drain's presence step: removes every member of this node in one batch (grouped by
+    /// channel, pipelined, with their leaves) within `budget`, instead of one removal per
+    /// closing connection. The members are taken now, before the connections are closed; the
+    /// returned future does the removal. Members it does not remove in time (or that subscribe
+    /// after this call) are reaped by the other nodes once this node's heartbeat lapses.
+    pub fn release_presence(
+        self: &Arc<Self>,
+        budget: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.presence_released.store(true, Ordering::Release);
+        let members = self.hub.members();
+        let node = self.clone();
+        async move {
+            if members.is_empty() {
+                return;
+            }
+            let started = Instant::now();
+            match tokio::time::timeout(budget, node.presence.remove_members(&members)).await {
+                Ok(Ok(leaves)) => {
+                    node.count_events(EventKind::Leave, leaves);
+                    tracing::info!(
+                        members = members.len(),
+                        leaves,
+                        ms = started.elapsed().as_millis() as u64,
+                        "presence members released"
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "presence release failed; members are reaped after the heartbeat lapses")
+                }
+                Err(_) => tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "presence release timed out; the rest is reaped after the heartbeat lapses"
+                ),
             }
         }
     }
@@ -278,14 +430,20 @@ impl Node {
         Ok(())
     }
 
-    /// Every member of `channel` on every node.
-    pub async fn presence(&self, channel: &str) -> Result<Vec<Member>, BrokerError> {
+    /// The exact member count of `channel` on every node, with at most
+    /// `PUBGATE_PRESENCE_MAX_MEMBERS` members (none when `count_only`).
+    pub async fn presence(&self, channel: &str, count_only: bool) -> Result<Listing, BrokerError> {
         let started = Instant::now();
-        let members = self.presence.list(channel).await?;
+        let max = if count_only {
+            0
+        } else {
+            self.limits.presence_max_members
+        };
+        let listing = self.presence.list(channel, max).await?;
         self.metrics
             .presence_duration
             .observe(started.elapsed().as_secs_f64());
-        Ok(members)
+        Ok(listing)
     }
 
     /// Stops background work after the last connection closed.
@@ -305,46 +463,76 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Keeps this node's presence members alive in Redis, one batch per refresh period. When the
-/// broker comes back after being down (Redis may have restarted empty), or after a failed batch,
-/// the next batch re-adds every member instead, without waiting for the period.
-async fn refresh_presence(node: std::sync::Weak<Node>, every: Duration) {
-    let mut tick = tokio::time::interval(every.min(Duration::from_millis(500)));
+/// The node's presence heartbeat (Redis only), every tenth of the presence TTL: keeps the node
+/// alive in the store, restores its members when the store lost them (Redis restarted empty, or
+/// the node was reaped after a stall; only once no reaper holds the node's lock), and reaps the
+/// members of nodes whose heartbeat lapsed, each in a task of its own so the beat stays on time.
+///
+/// A node reaps only after a few successful beats in a row: after a Redis outage every node's
+/// heartbeat has lapsed, and the first node back must not take the others, still reconnecting,
+/// for dead.
+async fn heartbeat(node: std::sync::Weak<Node>, every: Duration) {
+    const STREAK_TO_REAP: u32 = 3;
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
     let mut restore = false;
-    let mut was_up = true;
+    let mut failing = false;
+    let mut streak = 0u32;
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        let up = node.broker.is_up();
-        restore |= up && !was_up;
-        was_up = up;
-        if !up || !(restore || last.elapsed() >= every) {
+        let beat = match node.presence.heartbeat().await {
+            Ok(beat) => {
+                failing = false;
+                streak = streak.saturating_add(1);
+                beat
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "presence heartbeat failed");
+                }
+                failing = true;
+                streak = 0;
+                continue;
+            }
+        };
+        restore |= beat.lost;
+        if restore && !beat.being_reaped {
+            let members = node.hub.members();
+            match node.presence.restore(&members).await {
+                Ok(joins) => {
+                    node.count_events(EventKind::Join, joins);
+                    // Members that left while the batch was in flight were re-added: remove them.
+                    let current: std::collections::HashSet<_> =
+                        node.hub.members().into_iter().collect();
+                    let stale: Vec<_> = members
+                        .into_iter()
+                        .filter(|m| !current.contains(m))
+                        .collect();
+                    if let Ok(leaves) = node.presence.remove_members(&stale).await {
+                        node.count_events(EventKind::Leave, leaves);
+                    }
+                    if joins > 0 {
+                        tracing::info!(joins, "presence members restored");
+                    }
+                    restore = false;
+                }
+                Err(e) => tracing::warn!(error = %e, "presence restore failed; retrying"),
+            }
+        }
+        if streak < STREAK_TO_REAP {
             continue;
         }
-        last = Instant::now();
-        let members = node.hub.members();
-        let result = if restore {
-            node.presence.restore(&members).await
-        } else {
-            node.presence.refresh(&members).await
-        };
-        match result {
-            Ok(()) if restore => {
-                // Members that left while the batch was in flight were re-added: remove them.
-                let current: std::collections::HashSet<_> =
-                    node.hub.members().into_iter().collect();
-                for (channel, member) in members.iter().filter(|m| !current.contains(m)) {
-                    let _ = node.presence.remove(channel, &member.conn_id).await;
+        for dead in beat.dead {
+            let node = node.clone();
+            tokio::spawn(async move {
+                match node.presence.reap(&dead).await {
+                    Ok(leaves) => node.count_events(EventKind::Leave, leaves),
+                    Err(e) => {
+                        tracing::warn!(error = %e, node = %dead, "reaping a dead node failed")
+                    }
                 }
-                restore = false;
-            }
-            Ok(()) => {}
-            Err(e) => {
-                restore = true;
-                tracing::warn!(error = %e, members = members.len(), "presence refresh failed");
-            }
+            });
         }
     }
 }

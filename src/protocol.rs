@@ -60,6 +60,8 @@ pub struct Request<'a> {
 pub enum Command<'a> {
     Subscribe {
         channel: Cow<'a, str>,
+        /// Also receive the channel's join/leave events.
+        presence_events: bool,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -70,6 +72,8 @@ pub enum Command<'a> {
     },
     Presence {
         channel: Cow<'a, str>,
+        /// Reply with the count only, no `members`.
+        count_only: bool,
     },
     Ping,
     Refresh {
@@ -113,6 +117,10 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    presence_events: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    count_only: Option<&'a RawValue>,
 }
 
 /// A present field, even `null` (serde would read `null` into `None`, losing `"data": null`).
@@ -155,9 +163,19 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
             .map_err(|why| Rejection::new(id, ErrorCode::InvalidChannel, why))?;
         Ok(name)
     };
+    // An optional boolean flag: absent is false; anything but `true`/`false` is refused.
+    let flag = |value: Option<&RawValue>, message: &'static str| match value.map(RawValue::get) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(bad(message)),
+    };
     let command = match kind.as_ref() {
         "subscribe" => Command::Subscribe {
             channel: channel()?,
+            presence_events: flag(
+                raw.presence_events,
+                "field `presence_events` must be a boolean",
+            )?,
         },
         "unsubscribe" => Command::Unsubscribe {
             channel: channel()?,
@@ -169,6 +187,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         }
         "presence" => Command::Presence {
             channel: channel()?,
+            count_only: flag(raw.count_only, "field `count_only` must be a boolean")?,
         },
         "ping" => Command::Ping,
         "refresh" => {
@@ -204,7 +223,8 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// Checks a channel name: 1 to 200 bytes of `A-Z a-z 0-9 _ - . : @ /`.
+/// Checks a channel name: 1 to 200 bytes of `A-Z a-z 0-9 _ - . : @ / | + = ~` (v1.2 added the
+/// last four, so identity-provider subjects like `auth0|42` have a `user:` channel).
 pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("channel name is empty");
@@ -212,9 +232,9 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err("channel name is longer than 200 bytes");
     }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b);
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/|+=~".contains(&b);
     if !name.bytes().all(allowed) {
-        return Err("channel names may only contain A-Z a-z 0-9 _ - . : @ /");
+        return Err("channel names may only contain A-Z a-z 0-9 _ - . : @ / | + = ~");
     }
     Ok(())
 }
@@ -291,8 +311,14 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// Every member, exactly.
         count: usize,
-        members: &'a [Member],
+        /// Absent for a `count_only` query.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        members: Option<&'a [Member]>,
+        /// Set when `members` was capped at `PUBGATE_PRESENCE_MAX_MEMBERS`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -351,7 +377,7 @@ mod tests {
     fn parses_every_command() {
         let r = parse_request(r#"{"type":"subscribe","channel":"news","id":1}"#).unwrap();
         assert_eq!(r.id.unwrap().get(), "1");
-        assert!(matches!(r.command, Command::Subscribe { channel } if channel == "news"));
+        assert!(matches!(r.command, Command::Subscribe { channel, .. } if channel == "news"));
         let r = parse_request(r#"{"type":"unsubscribe","channel":"a/b"}"#).unwrap();
         assert!(r.id.is_none());
         assert!(matches!(r.command, Command::Unsubscribe { .. }));
@@ -376,9 +402,56 @@ mod tests {
     }
 
     #[test]
+    fn presence_flags_are_optional_booleans() {
+        let r = parse_request(r#"{"type":"subscribe","channel":"c","presence_events":true}"#);
+        assert!(matches!(
+            r.unwrap().command,
+            Command::Subscribe {
+                presence_events: true,
+                ..
+            }
+        ));
+        let r = parse_request(r#"{"type":"subscribe","channel":"c","presence_events":false}"#);
+        assert!(matches!(
+            r.unwrap().command,
+            Command::Subscribe {
+                presence_events: false,
+                ..
+            }
+        ));
+        let r = parse_request(r#"{"type":"presence","channel":"c","count_only": true }"#);
+        assert!(matches!(
+            r.unwrap().command,
+            Command::Presence {
+                count_only: true,
+                ..
+            }
+        ));
+        let r = parse_request(r#"{"type":"presence","channel":"c"}"#);
+        assert!(matches!(
+            r.unwrap().command,
+            Command::Presence {
+                count_only: false,
+                ..
+            }
+        ));
+        for text in [
+            r#"{"type":"subscribe","channel":"c","presence_events":1,"id":7}"#,
+            r#"{"type":"subscribe","channel":"c","presence_events":"true","id":7}"#,
+            r#"{"type":"presence","channel":"c","count_only":null,"id":7}"#,
+        ] {
+            assert_eq!(
+                reject(text),
+                (ErrorCode::BadRequest, Some("7".into())),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn escaped_strings_are_understood() {
         let r = parse_request(r#"{"type":"sub\u0073cribe","channel":"n\u0065ws"}"#).unwrap();
-        assert!(matches!(r.command, Command::Subscribe { channel } if channel == "news"));
+        assert!(matches!(r.command, Command::Subscribe { channel, .. } if channel == "news"));
     }
 
     #[test]
@@ -466,6 +539,12 @@ mod tests {
         assert!(validate_channel("a b").is_err());
         assert!(validate_channel("café").is_err());
         assert!(validate_channel("a*").is_err());
+        // v1.2: `| + = ~`, for identity-provider subjects in `user:` channels.
+        assert!(validate_channel("user:auth0|42").is_ok());
+        assert!(validate_channel("a+b=c~d").is_ok());
+        for bad in ["a#", "a,b", "a%20", "a\"b", "a\\b", "a^", "a`", "a'"] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

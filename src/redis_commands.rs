@@ -61,7 +61,7 @@ impl ConnectionLike for CommandConnection {
                 } else {
                     slot_groups(pipeline)
                 };
-                if groups.len() <= 1 {
+                if groups.len() <= 1 && groups.iter().all(|g| g.0.is_some()) {
                     c.req_packed_commands(pipeline, offset, count)
                 } else {
                     Box::pin(split_by_slot(c.clone(), pipeline, groups))
@@ -78,28 +78,35 @@ impl ConnectionLike for CommandConnection {
     }
 }
 
-/// Sends each slot's commands as one sub-pipeline (their order kept), the slots concurrently,
-/// and puts the answers back in the pipeline's order.
+/// Sends each slot's commands as one sub-pipeline (their order kept) and each keyless command on
+/// its own (so redis-rs routes it: SCRIPT LOAD and FUNCTION LOAD to every master), all
+/// concurrently, and puts the answers back in the pipeline's order.
 async fn split_by_slot(
     conn: ClusterConnection,
     pipeline: &Pipeline,
-    groups: Vec<Vec<usize>>,
+    groups: Vec<(Option<u16>, Vec<usize>)>,
 ) -> RedisResult<Vec<Value>> {
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-    let sends = groups.iter().map(|indexes| {
+    let sends = groups.iter().map(|(slot, indexes)| {
         let mut conn = conn.clone();
         let mut sub = redis::pipe();
         for &i in indexes {
             sub.add_command(commands[i].clone());
         }
+        let keyless = slot.is_none();
         async move {
-            let n = sub.len();
-            conn.req_packed_commands(&sub, 0, n).await
+            if keyless {
+                let cmd = sub.cmd_iter().next().expect("one command");
+                conn.req_packed_command(cmd).await.map(|v| vec![v])
+            } else {
+                let n = sub.len();
+                conn.req_packed_commands(&sub, 0, n).await
+            }
         }
     });
     let answers = futures_util::future::join_all(sends).await;
     let mut out = vec![Value::Nil; commands.len()];
-    for (indexes, answer) in groups.iter().zip(answers) {
+    for ((_, indexes), answer) in groups.iter().zip(answers) {
         for (&i, value) in indexes.iter().zip(answer?) {
             out[i] = value;
         }
@@ -107,26 +114,21 @@ async fn split_by_slot(
     Ok(out)
 }
 
-/// The pipeline's command indexes grouped by the slot of their key (keyless commands join the
-/// first group).
-fn slot_groups(pipeline: &Pipeline) -> Vec<Vec<usize>> {
+/// The pipeline's command indexes grouped by the slot of their key; each keyless command is a
+/// group of its own (slot `None`).
+fn slot_groups(pipeline: &Pipeline) -> Vec<(Option<u16>, Vec<usize>)> {
     let mut groups: Vec<(Option<u16>, Vec<usize>)> = Vec::new();
     for (i, cmd) in pipeline.cmd_iter().enumerate() {
         let slot = key_slot(cmd);
         match groups
             .iter_mut()
-            .find(|(s, _)| slot.is_none() || *s == slot || s.is_none())
+            .find(|(s, _)| slot.is_some() && *s == slot)
         {
-            Some((s, indexes)) => {
-                if s.is_none() {
-                    *s = slot;
-                }
-                indexes.push(i);
-            }
+            Some((_, indexes)) => indexes.push(i),
             None => groups.push((slot, vec![i])),
         }
     }
-    groups.into_iter().map(|(_, indexes)| indexes).collect()
+    groups
 }
 
 /// The slot of a command's first key, for the commands pubgate pipelines (single-key commands
@@ -328,9 +330,13 @@ mod tests {
             .arg("{a}k2")
             .cmd("PING")
             .zrem("{a}z", "y");
-        assert_eq!(slot_groups(&pipe), vec![vec![0, 2, 3, 4], vec![1]]);
+        let groups: Vec<Vec<usize>> = slot_groups(&pipe).into_iter().map(|g| g.1).collect();
+        assert_eq!(groups, vec![vec![0, 2, 4], vec![1], vec![3]]);
         let mut one = redis::pipe();
         one.hdel("{a}h", "x").zrem("{a}z", "x");
         assert_eq!(slot_groups(&one).len(), 1);
+        let mut load = redis::pipe();
+        load.cmd("SCRIPT").arg("LOAD").arg("return 1");
+        assert_eq!(slot_groups(&load), vec![(None, vec![0])]);
     }
 }

@@ -1,4 +1,10 @@
-//! The listener, the accept loop and the graceful shutdown of one node.
+//! The listeners, the accept loops and the graceful shutdown of one node.
+//!
+//! One client listener (plain or TLS) and, with `PUBGATE_INTERNAL_LISTEN`, one internal listener
+//! for metrics and the server API. The internal one is always plain HTTP (**Decision**: it is
+//! meant for a private network or a pod's own address; TLS there is the network's job) and
+//! stops with the client one: it answers health and metrics through the drain delay, then both
+//! stop accepting.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +36,8 @@ const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// `PUBGATE_INTERNAL_LISTEN`, bound.
+    internal: Option<(TcpListener, SocketAddr)>,
     node: Arc<Node>,
     config: Config,
     tls: Option<TlsAcceptor>,
@@ -51,10 +59,20 @@ impl Server {
         };
         let listener = listen(config.listen).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
+        let internal = match config.internal_listen {
+            Some(addr) => {
+                let bind_error = |source| Error::Bind { addr, source };
+                let listener = listen(addr).map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         let node = Node::start(&config, config.resolved_node_id()).await?;
         Ok(Server {
             listener,
             local_addr,
+            internal,
             node,
             config,
             tls,
@@ -64,6 +82,11 @@ impl Server {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The internal address actually bound (`PUBGATE_INTERNAL_LISTEN`), if one is set.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().map(|(_, addr)| *addr)
     }
 
     /// This node's id.
@@ -78,6 +101,7 @@ impl Server {
         let Server {
             listener,
             local_addr,
+            internal,
             node,
             config,
             tls,
@@ -94,6 +118,7 @@ impl Server {
             },
             auth = %node.auth.mode(),
             tls = tls.is_some(),
+            internal = ?internal.as_ref().map(|(_, addr)| *addr),
             "listening on {local_addr}"
         );
         if config.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
@@ -104,18 +129,48 @@ impl Server {
         }
         if node.auth.verifier().is_none() {
             tracing::warn!(
-                "no PUBGATE_JWT_SECRET or PUBGATE_JWT_PUBLIC_KEY_FILE: connections are anonymous \
-                 and every channel is open to everyone"
+                "no PUBGATE_JWT_SECRET, PUBGATE_JWT_PUBLIC_KEY_FILE or PUBGATE_JWT_JWKS_FILE: \
+                 connections are anonymous and every channel is open to everyone"
             );
         }
+        // Registered before serving, so a SIGHUP right after start-up is not lost (nor fatal).
+        let _reload_keys = match node.auth.verifier().filter(|v| v.is_key_set()) {
+            Some(_) => reload_keys_on_sighup(node.clone()).map(AbortOnDrop),
+            None => None,
+        };
         let sessions = TaskTracker::new();
         let http_stop = CancellationToken::new();
+        let (client_surface, internal_accept) = match internal {
+            Some((listener, _)) => {
+                let accept = accept_loop(
+                    listener,
+                    node.clone(),
+                    sessions.clone(),
+                    http_stop.clone(),
+                    None,
+                    http::Surface::Internal,
+                );
+                // Stops accepting when the node stops serving HTTP, like the client listener.
+                let stop = http_stop.clone();
+                let task = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+                (http::Surface::Client, Some(task))
+            }
+            None => (http::Surface::All, None),
+        };
+        // Aborted when `run` returns, however it returns.
+        let _internal_accept = internal_accept.map(AbortOnDrop);
         let accept = accept_loop(
             listener,
             node.clone(),
             sessions.clone(),
             http_stop.clone(),
             tls,
+            client_surface,
         );
         tokio::pin!(accept);
 
@@ -135,13 +190,14 @@ impl Server {
             _ = tokio::time::sleep(config.drain_delay) => {}
             _ = &mut accept => {}
         }
+        // This node's members leave presence in one batch, alongside the closing connections,
+        // within half of what is left of the shutdown budget.
+        let release = node.release_presence(deadline.saturating_duration_since(Instant::now()) / 2);
         node.drain.close_clients();
         http_stop.cancel();
         sessions.close();
-        if tokio::time::timeout_at(deadline, sessions.wait())
-            .await
-            .is_err()
-        {
+        let (_, waited) = tokio::join!(release, tokio::time::timeout_at(deadline, sessions.wait()));
+        if waited.is_err() {
             tracing::warn!(
                 open = sessions.len(),
                 "shutdown timeout reached with connections still open; dropping them"
@@ -167,13 +223,58 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Accepts connections forever, serving each with hyper on its own task.
+/// With `PUBGATE_JWT_JWKS_FILE`: re-reads the key set on every SIGHUP, so keys rotate without a
+/// restart. A file that cannot be read or used keeps the previous keys and logs an error.
+fn reload_keys_on_sighup(node: Arc<Node>) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: JWKS reload disabled");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let Some(verifier) = node.auth.verifier() else {
+                    return;
+                };
+                match verifier.reload() {
+                    Ok(keys) => tracing::info!(keys, "SIGHUP: JWKS reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: JWKS reload failed; the previous keys stay in force"
+                    ),
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = node;
+        None
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts connections until `http_stop`, serving each with hyper on its own task.
 async fn accept_loop(
     listener: TcpListener,
     node: Arc<Node>,
     sessions: TaskTracker,
     http_stop: CancellationToken,
     tls: Option<TlsAcceptor>,
+    surface: http::Surface,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -197,7 +298,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let Some(tls) = tls else {
-                return serve_http(stream, peer, node, sessions, http_stop).await;
+                return serve_http(stream, peer, node, sessions, http_stop, surface).await;
             };
             let handshake = tokio::time::timeout(node.limits.handshake_timeout, tls.accept(stream));
             let stream = tokio::select! {
@@ -208,7 +309,7 @@ async fn accept_loop(
                 },
                 _ = http_stop.cancelled() => return,
             };
-            serve_http(stream, peer, node, sessions, http_stop).await
+            serve_http(stream, peer, node, sessions, http_stop, surface).await
         });
     }
 }
@@ -220,6 +321,7 @@ async fn serve_http<I>(
     node: Arc<Node>,
     sessions: TaskTracker,
     http_stop: CancellationToken,
+    surface: http::Surface,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -227,7 +329,7 @@ async fn serve_http<I>(
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         // For the one log line of a refused upgrade.
         req.extensions_mut().insert(http::Peer(peer));
-        http::handle(req, node.clone(), sessions.clone())
+        http::handle(req, node.clone(), sessions.clone(), surface)
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

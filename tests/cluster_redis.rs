@@ -925,7 +925,12 @@ async fn presence_query_with_1000_members() {
     let commands = Arc::new(
         RedisCommands::new(&c.redis.url(), Duration::from_secs(2)).expect("redis commands"),
     );
-    let other_node = RedisPresence::new(commands, c.prefix.clone(), Duration::from_secs(60));
+    let other_node = RedisPresence::new(
+        commands,
+        c.prefix.clone(),
+        Duration::from_secs(60),
+        "bench-node".into(),
+    );
     let members: Vec<(String, Member)> = (0..1000)
         .map(|i| {
             (
@@ -934,6 +939,7 @@ async fn presence_query_with_1000_members() {
                     conn_id: format!("conn-{i:04}"),
                     node: "bench-node".to_owned(),
                     user: Some(format!("user-{i}")),
+                    info: None,
                 },
             )
         })
@@ -966,9 +972,10 @@ async fn presence_query_with_1000_members() {
     let mut direct = Vec::new();
     for _ in 0..50 {
         let start = Instant::now();
-        let listed = other_node.list("big").await.expect("list");
+        let listed = other_node.list("big", 1000).await.expect("list");
         direct.push(start.elapsed());
-        assert_eq!(listed.len(), 1000);
+        assert_eq!(listed.count, 1000);
+        assert_eq!(listed.members.len(), 1000);
     }
     direct.sort();
     println!(

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pubgate::broker::{Broker, MemoryBroker, MessageSink, RedisBroker, RedisBrokerOptions};
 use pubgate::metrics::Metrics;
-use pubgate::presence::{Member, MemoryPresence, Presence, RedisPresence};
+use pubgate::presence::{
+    events_channel, Heartbeat, Info, Member, MemoryPresence, Presence, RedisPresence,
+};
 use pubgate::redis_commands::RedisCommands;
 use tokio::sync::watch;
 
@@ -27,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(5);
 /// Per-call timeout given to the Redis implementations.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-/// The presence TTL of the Redis fixture: short, so expiry is observable.
+/// The presence TTL of the Redis fixture: short, so reaping is observable.
 const PRESENCE_TTL: Duration = Duration::from_millis(1500);
 
 fn random_prefix() -> String {
@@ -438,12 +440,16 @@ suite!(redis_broker =>
 struct PresenceUnderTest {
     memory: Option<Arc<MemoryPresence>>,
     redis: Option<(RedisServer, String)>,
-    /// Members not refreshed expire after this (Redis only).
+    /// A node whose heartbeat lapses is reaped within this (Redis only).
     ttl: Option<Duration>,
+    /// Receives the join/leave events the store publishes (subscribe `__presence:<channel>`).
+    events: Arc<dyn Broker>,
+    sink: Arc<Collector>,
 }
 
 impl PresenceUnderTest {
-    fn node(&self) -> Arc<dyn Presence> {
+    /// A presence handle acting as node `id`; every handle of a fixture shares one store.
+    fn node(&self, id: &str) -> Arc<dyn Presence> {
         if let Some(memory) = &self.memory {
             return memory.clone();
         }
@@ -454,23 +460,75 @@ impl PresenceUnderTest {
             commands,
             prefix.clone(),
             self.ttl.unwrap(),
+            id.to_owned(),
         ))
+    }
+
+    /// Starts receiving `channel`'s presence events.
+    async fn watch(&self, channel: &str) {
+        self.events
+            .subscribe(&events_channel(channel))
+            .await
+            .expect("events subscribe");
+    }
+
+    /// The (type, channel, conn_id) of every event received so far on `channel`.
+    fn events_of(&self, channel: &str) -> Vec<(String, String)> {
+        let key = events_channel(channel);
+        self.sink
+            .snapshot()
+            .into_iter()
+            .filter(|(c, _)| *c == key)
+            .map(|(_, payload)| {
+                let v: serde_json::Value = serde_json::from_slice(&payload).expect("event JSON");
+                assert_eq!(v["channel"], channel, "{v}");
+                (
+                    v["type"].as_str().unwrap().to_owned(),
+                    v["member"]["conn_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until `channel` has seen `n` events; returns them.
+    async fn wait_events(&self, channel: &str, n: usize) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let events = self.events_of(channel);
+            if events.len() >= n {
+                return events;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "expected {n} events on {channel}, got {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
 async fn memory_presence() -> PresenceUnderTest {
+    let sink = Arc::new(Collector::default());
+    let events: Arc<dyn Broker> = Arc::new(MemoryBroker::new(sink.clone()));
     PresenceUnderTest {
-        memory: Some(Arc::new(MemoryPresence::new())),
+        memory: Some(Arc::new(MemoryPresence::with_events(events.clone()))),
         redis: None,
         ttl: None,
+        events,
+        sink,
     }
 }
 
 async fn redis_presence() -> PresenceUnderTest {
+    let redis = RedisServer::start().await;
+    let prefix = random_prefix();
+    let (events, sink) = start_redis_broker(&redis.url(), &prefix).await;
     PresenceUnderTest {
         memory: None,
-        redis: Some((RedisServer::start().await, random_prefix())),
+        redis: Some((redis, prefix)),
         ttl: Some(PRESENCE_TTL),
+        events,
+        sink,
     }
 }
 
@@ -479,47 +537,68 @@ fn member(conn_id: &str, node: &str, user: Option<&str>) -> Member {
         conn_id: conn_id.to_owned(),
         node: node.to_owned(),
         user: user.map(str::to_owned),
+        info: None,
     }
 }
 
-/// `list`, sorted by conn_id, bounded.
+/// Every member of `channel`, sorted by conn_id, bounded in time; checks the count agrees.
 async fn list(p: &dyn Presence, channel: &str) -> Vec<Member> {
-    let mut members = tokio::time::timeout(WAIT, p.list(channel))
+    let listing = tokio::time::timeout(WAIT, p.list(channel, 100_000))
         .await
         .expect("list within the wait")
         .expect("list succeeds");
+    assert_eq!(listing.count, listing.members.len(), "uncapped: all listed");
+    let mut members = listing.members;
     members.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
     members
+}
+
+fn pairs(channel: &str, members: &[&Member]) -> Vec<(String, Member)> {
+    members
+        .iter()
+        .map(|m| (channel.to_owned(), (*m).clone()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
 // Presence behaviours.
 
 async fn presence_add_list_remove(t: PresenceUnderTest) {
-    let p = t.node();
+    let p = t.node("n1");
     let a = member("c1", "n1", None);
-    let b = member("c2", "n1", Some("alice"));
-    p.add("room", &a).await.expect("add");
-    p.add("room", &b).await.expect("add");
-    p.add("room", &a).await.expect("re-adding is accepted");
+    let mut b = member("c2", "n1", Some("alice"));
+    b.info = Some(Info::from_json(r#"{"name":"Alice","tags":["x"]}"#.into()).unwrap());
+    assert!(p.add("room", &a).await.expect("add"), "a new member joins");
+    assert!(p.add("room", &b).await.expect("add"));
+    assert!(
+        !p.add("room", &a).await.expect("re-adding is accepted"),
+        "re-adding is not a join"
+    );
     assert_eq!(
         list(&*p, "room").await,
         vec![a.clone(), b.clone()],
-        "members listed once each, with node and user"
+        "members listed once each, with node, user and info"
     );
     assert_eq!(
         list(&*p, "other").await,
         vec![],
         "other channels are unaffected"
     );
-    p.remove("room", "c1").await.expect("remove");
+    assert_eq!(p.remove("room", "c1").await.expect("remove"), 1);
     assert_eq!(list(&*p, "room").await, vec![b.clone()]);
-    p.remove("room", "c1")
-        .await
-        .expect("removing twice is harmless");
-    p.remove("room", "unknown")
-        .await
-        .expect("removing an unknown member is harmless");
+    assert_eq!(
+        p.remove("room", "c1")
+            .await
+            .expect("removing twice is harmless"),
+        0,
+        "no second leave"
+    );
+    assert_eq!(
+        p.remove("room", "unknown")
+            .await
+            .expect("removing an unknown member is harmless"),
+        0
+    );
     p.remove("room", "c2").await.unwrap();
     assert_eq!(
         list(&*p, "room").await,
@@ -529,7 +608,7 @@ async fn presence_add_list_remove(t: PresenceUnderTest) {
 }
 
 async fn presence_remove_all_removes_one_connection_everywhere(t: PresenceUnderTest) {
-    let p = t.node();
+    let p = t.node("n1");
     let leaving = member("leaving", "n1", Some("bob"));
     let staying = member("staying", "n1", None);
     let channels: Vec<String> = (0..20).map(|i| format!("ch{i}")).collect();
@@ -540,7 +619,7 @@ async fn presence_remove_all_removes_one_connection_everywhere(t: PresenceUnderT
     p.add("solo", &leaving).await.unwrap();
     let mut all = channels.clone();
     all.push("solo".into());
-    p.remove_all("leaving", &all).await.expect("remove_all");
+    assert_eq!(p.remove_all("leaving", &all).await.expect("remove_all"), 21);
     for c in &channels {
         assert_eq!(list(&*p, c).await, vec![staying.clone()], "{c}");
     }
@@ -555,7 +634,7 @@ async fn presence_remove_all_removes_one_connection_everywhere(t: PresenceUnderT
 }
 
 async fn presence_unknown_channel_is_empty(t: PresenceUnderTest) {
-    let p = t.node();
+    let p = t.node("n");
     assert_eq!(list(&*p, "never-used").await, vec![]);
     p.add("used", &member("c", "n", None)).await.unwrap();
     assert_eq!(list(&*p, "never-used").await, vec![]);
@@ -563,8 +642,8 @@ async fn presence_unknown_channel_is_empty(t: PresenceUnderTest) {
 }
 
 async fn presence_members_of_several_nodes(t: PresenceUnderTest) {
-    let node_a = t.node();
-    let node_b = t.node();
+    let node_a = t.node("node-a");
+    let node_b = t.node("node-b");
     let a1 = member("a1", "node-a", None);
     let a2 = member("a2", "node-a", Some("u1"));
     let b1 = member("b1", "node-b", Some("u1"));
@@ -584,127 +663,78 @@ async fn presence_members_of_several_nodes(t: PresenceUnderTest) {
     assert_eq!(list(&*node_b, "room").await, vec![a2.clone()]);
 }
 
-/// refresh keeps members alive; with a TTL (Redis), a member that is not refreshed expires
-/// within the TTL while the refreshed ones stay.
-async fn presence_refresh_keeps_members_and_unrefreshed_expire(t: PresenceUnderTest) {
-    let node_a = t.node();
-    let node_b = t.node();
-    let kept1 = member("kept1", "node-a", None);
-    let kept2 = member("kept2", "node-a", Some("u"));
-    let kept_elsewhere = member("kept3", "node-a", None);
-    let dropped = member("dropped", "node-b", None);
-    node_a.add("room", &kept1).await.unwrap();
-    node_a.add("room", &kept2).await.unwrap();
-    node_a.add("lobby", &kept_elsewhere).await.unwrap();
-    node_b.add("room", &dropped).await.unwrap();
-    let batch = vec![
-        ("room".to_owned(), kept1.clone()),
-        ("room".to_owned(), kept2.clone()),
-        ("lobby".to_owned(), kept_elsewhere.clone()),
-    ];
-    node_a.refresh(&batch).await.expect("refresh");
-    assert_eq!(
-        list(&*node_a, "room").await,
-        vec![dropped.clone(), kept1.clone(), kept2.clone()]
-    );
-
-    let Some(ttl) = t.ttl else {
-        // No expiry in memory: refresh changes nothing visible.
-        node_a.refresh(&batch).await.unwrap();
-        node_a.refresh(&[]).await.expect("empty refresh");
-        assert_eq!(list(&*node_a, "lobby").await, vec![kept_elsewhere]);
-        return;
-    };
-
-    // Node a refreshes its members every ttl/4 for 3 TTLs; node b never refreshes.
-    let start = Instant::now();
-    let mut dropped_gone_after = None;
-    while start.elapsed() < ttl * 3 {
-        node_a.refresh(&batch).await.expect("refresh");
-        let members = list(&*node_b, "room").await;
-        assert!(
-            members.contains(&kept1) && members.contains(&kept2),
-            "refreshed members stay past the TTL (at {:?}): {members:?}",
-            start.elapsed()
-        );
-        if dropped_gone_after.is_none() && !members.contains(&dropped) {
-            dropped_gone_after = Some(start.elapsed());
-        }
-        if dropped_gone_after.is_some() {
-            assert!(
-                !members.contains(&dropped),
-                "an expired member does not come back"
-            );
-        }
-        tokio::time::sleep(ttl / 4).await;
-    }
-    let gone_after = dropped_gone_after.expect("the un-refreshed member expired");
-    println!("un-refreshed member gone after {gone_after:?} (ttl {ttl:?})");
-    assert!(
-        gone_after <= ttl + Duration::from_millis(500),
-        "an un-refreshed member expires within the TTL (+ slack): {gone_after:?}"
-    );
-    assert_eq!(
-        list(&*node_b, "lobby").await,
-        vec![kept_elsewhere.clone()],
-        "refresh covers every channel of the batch"
-    );
-
-    // Once node a stops refreshing, everything expires, and nothing is left behind in Redis.
-    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
-    assert_eq!(list(&*node_b, "room").await, vec![]);
-    assert_eq!(list(&*node_b, "lobby").await, vec![]);
-    let (redis, prefix) = t.redis.as_ref().unwrap();
-    let deadline = Instant::now() + ttl * 2 + Duration::from_secs(1);
-    loop {
-        let leftover: Vec<String> = redis
-            .keys(&format!("{prefix}*"))
-            .await
-            .into_iter()
-            .filter(|k| k.contains("room") || k.contains("lobby"))
-            .collect();
-        if leftover.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "presence keys of expired members are cleaned or expire: {leftover:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// `count` is exact; `members` holds at most `max` distinct members; `max` 0 is the count only.
+async fn presence_list_caps_members_and_counts_exactly(t: PresenceUnderTest) {
+    let p = t.node("n1");
+    let all: Vec<Member> = (0..50)
+        .map(|i| member(&format!("c{i:02}"), "n1", None))
+        .collect();
+    let batch: Vec<(String, Member)> = all.iter().map(|m| ("big".to_owned(), m.clone())).collect();
+    assert_eq!(p.restore(&batch).await.expect("restore"), 50, "50 joins");
+    let capped = p.list("big", 10).await.expect("list");
+    assert_eq!(capped.count, 50);
+    assert_eq!(capped.members.len(), 10);
+    let distinct: HashSet<_> = capped.members.iter().map(|m| &m.conn_id).collect();
+    assert_eq!(distinct.len(), 10, "no member twice");
+    assert!(capped.members.iter().all(|m| all.contains(m)));
+    let exact = p.list("big", 50).await.expect("list");
+    assert_eq!((exact.count, exact.members.len()), (50, 50));
+    let count_only = p.list("big", 0).await.expect("list");
+    assert_eq!((count_only.count, count_only.members.len()), (50, 0));
+    let empty = p.list("nothing", 0).await.expect("list");
+    assert_eq!((empty.count, empty.members.len()), (0, 0));
 }
 
-/// A refresh only keeps members that are still stored: one removed while the refresh batch was
-/// in flight does not come back as a ghost.
-async fn presence_refresh_does_not_bring_back_removed_members(t: PresenceUnderTest) {
-    let p = t.node();
-    let gone = member("gone", "n1", None);
-    let kept = member("kept", "n1", None);
-    p.add("room", &gone).await.unwrap();
-    p.add("room", &kept).await.unwrap();
-    let stale_batch = vec![
-        ("room".to_owned(), gone.clone()),
-        ("room".to_owned(), kept.clone()),
-        ("never-added".to_owned(), gone.clone()),
+/// Every change is announced on `__presence:<channel>`: a join when a member becomes present, a
+/// leave when it stops being present, never twice, in order per member, with the member's JSON.
+async fn presence_events_announce_joins_and_leaves_in_order(t: PresenceUnderTest) {
+    t.watch("room").await;
+    let p = t.node("n1");
+    let a = member("a", "n1", Some("alice"));
+    let b = member("b", "n1", None);
+    p.add("room", &a).await.unwrap();
+    p.add("room", &a).await.unwrap();
+    p.add("room", &b).await.unwrap();
+    p.add("elsewhere", &b).await.unwrap();
+    p.remove("room", "a").await.unwrap();
+    p.remove("room", "a").await.unwrap();
+    p.add("room", &a).await.unwrap();
+    p.remove_all("b", &["room".to_owned(), "elsewhere".to_owned()])
+        .await
+        .unwrap();
+    p.remove_members(&pairs("room", &[&a, &b])).await.unwrap();
+    let ev = |k: &str, c: &str| (k.to_owned(), c.to_owned());
+    let expected = vec![
+        ev("join", "a"),
+        ev("join", "b"),
+        ev("leave", "a"),
+        ev("join", "a"),
+        ev("leave", "b"),
+        ev("leave", "a"),
     ];
-    p.remove("room", "gone").await.unwrap();
-    p.refresh(&stale_batch).await.expect("refresh");
+    assert_eq!(t.wait_events("room", expected.len()).await, expected);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.events_of("room"), expected, "nothing more");
+    assert!(t.events_of("elsewhere").is_empty(), "unwatched channel");
+    // The event carries the member as presence shows it.
+    let (_, payload) = t
+        .sink
+        .snapshot()
+        .into_iter()
+        .find(|(c, _)| *c == events_channel("room"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(
-        list(&*p, "room").await,
-        vec![kept.clone()],
-        "no ghost after refresh"
-    );
-    assert_eq!(
-        list(&*p, "never-added").await,
-        vec![],
-        "refresh does not add"
+        v,
+        serde_json::json!({"type":"join","channel":"room",
+            "member":{"conn_id":"a","node":"n1","user":"alice"}})
     );
 }
 
 /// restore re-adds members the store lost (Redis restarted); restoring present members keeps
-/// one entry each.
+/// one entry each and announces joins only for those that were missing.
 async fn presence_restore_re_adds_members(t: PresenceUnderTest) {
-    let p = t.node();
+    let p = t.node("n1");
     let m1 = member("m1", "n1", None);
     let m2 = member("m2", "n1", Some("bob"));
     p.add("room", &m1).await.unwrap();
@@ -717,13 +747,12 @@ async fn presence_restore_re_adds_members(t: PresenceUnderTest) {
         ("room".to_owned(), m2.clone()),
         ("lobby".to_owned(), m2.clone()),
     ];
-    p.restore(&batch).await.expect("restore");
-    p.restore(&batch).await.expect("restore twice");
+    let expected_joins = if t.redis.is_some() { 3 } else { 2 };
+    assert_eq!(p.restore(&batch).await.expect("restore"), expected_joins);
+    assert_eq!(p.restore(&batch).await.expect("restore twice"), 0);
     assert_eq!(list(&*p, "room").await, vec![m1.clone(), m2.clone()]);
     assert_eq!(list(&*p, "lobby").await, vec![m2.clone()]);
     p.restore(&[]).await.expect("empty restore");
-    // Restored members are ordinary members: refresh keeps them, remove removes them.
-    p.refresh(&batch).await.unwrap();
     p.remove_all("m2", &["room".to_owned(), "lobby".to_owned()])
         .await
         .unwrap();
@@ -731,24 +760,96 @@ async fn presence_restore_re_adds_members(t: PresenceUnderTest) {
     assert_eq!(list(&*p, "lobby").await, vec![]);
 }
 
+/// A live node's heartbeat keeps its members; a node whose heartbeat lapses is reaped by a
+/// survivor (its members leave, with leave events) within the TTL, while the survivor's stay.
+/// In memory there is no other node: heartbeat reports nothing and reap removes nothing.
+async fn presence_dead_node_is_reaped_within_the_ttl(t: PresenceUnderTest) {
+    t.watch("room").await;
+    let alive = t.node("alive");
+    let dying = t.node("dying");
+    let a = member("a", "alive", None);
+    let mut d1 = member("d1", "dying", None);
+    // An info that looks like a node field must not confuse the reaper.
+    d1.info = Some(Info::from_json(r#"{"x":{"node":"alive","user":1}}"#.into()).unwrap());
+    let mut a2 = member("a2", "alive", None);
+    a2.info = Some(Info::from_json(r#"{"x":{"node":"dying","user":1}}"#.into()).unwrap());
+    let d2 = member("d2", "dying", Some("u"));
+    let first = alive.heartbeat().await.expect("beat");
+    dying.heartbeat().await.expect("beat");
+    alive.add("room", &a).await.unwrap();
+    alive.add("room", &a2).await.unwrap();
+    dying.add("room", &d1).await.unwrap();
+    dying.add("room", &d2).await.unwrap();
+    dying.add("lobby", &d2).await.unwrap();
+    let Some(ttl) = t.ttl else {
+        assert_eq!(first, Heartbeat::default());
+        assert_eq!(alive.reap("dying").await.unwrap(), 0);
+        assert_eq!(list(&*alive, "room").await.len(), 4);
+        return;
+    };
+    assert!(first.lost, "the first beat finds the node new");
+    let start = Instant::now();
+    let mut gone_after = None;
+    let mut reaped = 0;
+    while start.elapsed() < ttl * 2 {
+        let beat = alive.heartbeat().await.expect("beat");
+        assert!(!beat.lost, "a node that beats is never lost");
+        for dead in &beat.dead {
+            assert_eq!(dead, "dying", "only the silent node is dead");
+            reaped += alive.reap(dead).await.expect("reap");
+        }
+        let members = list(&*alive, "room").await;
+        assert!(members.contains(&a) && members.contains(&a2), "{members:?}");
+        if gone_after.is_none() && members.len() == 2 {
+            gone_after = Some(start.elapsed());
+        }
+        tokio::time::sleep(RedisPresence::beat_interval(ttl)).await;
+    }
+    let gone_after = gone_after.expect("the dead node's members were reaped");
+    println!("dead node's members gone after {gone_after:?} (ttl {ttl:?})");
+    assert!(
+        gone_after <= ttl,
+        "reaped within the TTL of its last beat: {gone_after:?}"
+    );
+    assert_eq!(reaped, 3, "one leave per (channel, member)");
+    assert_eq!(list(&*alive, "lobby").await, vec![]);
+    let events = t.events_of("room");
+    let leaves: HashSet<_> = events
+        .iter()
+        .filter(|(k, _)| k == "leave")
+        .map(|(_, c)| c.as_str())
+        .collect();
+    assert_eq!(leaves, HashSet::from(["d1", "d2"]), "{events:?}");
+    // Reaping again finds nothing; the dead node is forgotten.
+    assert_eq!(alive.reap("dying").await.unwrap(), 0);
+    assert!(alive.heartbeat().await.unwrap().dead.is_empty());
+    // The dead node comes back: it learns it was lost, and its restore re-announces it.
+    let back = dying.heartbeat().await.expect("beat");
+    assert!(back.lost && !back.being_reaped, "{back:?}");
+    assert_eq!(dying.restore(&pairs("room", &[&d1])).await.unwrap(), 1);
+    assert_eq!(list(&*alive, "room").await.len(), 3);
+}
+
 suite!(memory_presence =>
     presence_add_list_remove,
-    presence_refresh_does_not_bring_back_removed_members,
     presence_restore_re_adds_members,
     presence_remove_all_removes_one_connection_everywhere,
     presence_unknown_channel_is_empty,
     presence_members_of_several_nodes,
-    presence_refresh_keeps_members_and_unrefreshed_expire,
+    presence_list_caps_members_and_counts_exactly,
+    presence_events_announce_joins_and_leaves_in_order,
+    presence_dead_node_is_reaped_within_the_ttl,
 );
 
 suite!(redis_presence =>
     presence_add_list_remove,
-    presence_refresh_does_not_bring_back_removed_members,
     presence_restore_re_adds_members,
     presence_remove_all_removes_one_connection_everywhere,
     presence_unknown_channel_is_empty,
     presence_members_of_several_nodes,
-    presence_refresh_keeps_members_and_unrefreshed_expire,
+    presence_list_caps_members_and_counts_exactly,
+    presence_events_announce_joins_and_leaves_in_order,
+    presence_dead_node_is_reaped_within_the_ttl,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -307,3 +307,82 @@ async fn garbage_instead_of_http_is_answered_or_closed_never_hung() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// `PUBGATE_INTERNAL_LISTEN` splits the routes: the client address serves the WebSocket and
+/// health only, the internal one metrics, the API and health only; each answers 404 for the
+/// other's routes, like an unknown path.
+#[tokio::test]
+async fn an_internal_listener_takes_metrics_and_api_off_the_client_address() {
+    let node = start_node(pubgate::Config {
+        internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .await;
+    let internal = node.internal.expect("internal address bound");
+    assert_ne!(internal, node.addr);
+    for (path, status) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 404),
+        ("/api/publish", 404),
+        ("/api", 404),
+    ] {
+        let (got, body) = node.http_get(path).await;
+        assert_eq!(got, status, "client {path}: {body:?}");
+        assert!(!body.contains("pubgate_connections"), "{body}");
+    }
+    for (path, status) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 200),
+        ("/ws", 404),
+        ("/api/publish", 404),
+        ("/nope", 404),
+    ] {
+        let (got, body) = common::http_get(internal, path).await;
+        assert_eq!(got, status, "internal {path}: {body:?}");
+    }
+    let (_, metrics) = common::http_get(internal, "/metrics").await;
+    assert!(metrics.contains("pubgate_connections "), "{metrics}");
+    // A WebSocket upgrade on the internal address is not served.
+    let resp = http_exchange(internal, upgrade_request(internal).as_bytes(), PROMPT).await;
+    assert_eq!(resp.status, 404, "{}", resp.head);
+    // The client address still upgrades, and the internal metrics see the connection.
+    let mut client = node.client().await;
+    client.subscribe("news").await;
+    wait_metric(&node, "pubgate_connections", 1.0).await;
+    drop(client);
+}
+
+/// Without `PUBGATE_INTERNAL_LISTEN` everything stays on one address, as in v1; `/api/*` is a
+/// 404 until the server API is configured.
+#[tokio::test]
+async fn without_an_internal_listener_one_address_serves_everything() {
+    let node = start_node(test_config()).await;
+    assert!(node.internal.is_none());
+    assert_eq!(node.http_get("/metrics").await.0, 200);
+    assert_eq!(node.http_get("/api/publish").await.0, 404);
+    let _client = node.client().await;
+}
+
+/// The internal listener answers health and metrics through the drain delay and is closed once
+/// the node has stopped.
+#[tokio::test]
+async fn the_internal_listener_drains_and_stops_with_the_node() {
+    let mut node = start_node(pubgate::Config {
+        internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        drain_delay: Duration::from_millis(1500),
+        ..test_config()
+    })
+    .await;
+    let internal = node.internal.unwrap();
+    node.signal_stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(common::http_get(internal, "/readyz").await.0, 503);
+    assert_eq!(common::http_get(internal, "/metrics").await.0, 200);
+    node.stop().await.unwrap();
+    assert!(
+        TcpStream::connect(internal).await.is_err(),
+        "internal listener still accepting after the node stopped"
+    );
+}

@@ -236,6 +236,28 @@ async fn sharded_delivery_on_every_master_with_presence_control_and_order() {
         vec![alice.conn_id().to_owned()]
     );
 
+    // Presence events cross nodes on the sharded `__presence:<channel>` (the scripts SPUBLISH
+    // in the channel's slot): carol on node B watches, dave joins and leaves on node A.
+    let watched = &channels[2];
+    let reply = carol
+        .request(json!({"type":"subscribe","channel":watched,"presence_events":true,"id":"w"}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let mut dave = login(&a, "dave").await;
+    dave.subscribe(watched).await;
+    let join = carol.recv().await;
+    assert_eq!(join["type"], "join", "{join}");
+    assert_eq!(join["member"]["conn_id"], dave.conn_id());
+    dave.send(json!({"type":"unsubscribe","channel":watched,"id":"u"}))
+        .await;
+    let leave = carol.recv().await;
+    assert_eq!(leave["type"], "leave", "{leave}");
+    assert_eq!(leave["member"]["conn_id"], dave.conn_id());
+    carol
+        .send(json!({"type":"unsubscribe","channel":watched,"id":"u2"}))
+        .await;
+    assert_eq!(carol.recv().await["type"], "unsubscribed");
+
     // The control channel: SPUBLISH <prefix>__control closes alice's connections only.
     let receivers: i64 = backend
         .spublish(

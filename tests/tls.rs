@@ -218,3 +218,67 @@ async fn bad_certificate_files_stop_the_node_at_start() {
     .await;
     assert!(half.contains("PUBGATE_TLS_KEY"), "{half}");
 }
+
+/// Runs `pubgate health` (the release binary) with the node's own settings in its environment.
+async fn health(envs: &[(&str, String)], args: &[&str]) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pubgate"));
+    cmd.env_clear().arg("health").args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("health answers within the wait")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `pubgate health` reaches a node that serves TLS, with the node's environment only (the
+/// container health check's situation), and also through an explicit https URL.
+#[tokio::test]
+async fn pubgate_health_checks_a_node_serving_tls() {
+    let cert = SelfSigned::new();
+    let node = start_node(cert.config()).await;
+    let envs = [
+        ("PUBGATE_LISTEN", format!("0.0.0.0:{}", node.addr.port())),
+        ("PUBGATE_TLS_CERT", cert.cert.display().to_string()),
+        ("PUBGATE_TLS_KEY", cert.key.display().to_string()),
+    ];
+    let (ok, out) = health(&envs, &[]).await;
+    assert!(ok, "health over TLS failed: {out}");
+    assert_eq!(out, "ready\n");
+    let url = format!("https://localhost:{}/readyz", node.addr.port());
+    let (ok, out) = health(&[], &["--url", &url]).await;
+    assert!(ok, "{out}");
+    // Plain HTTP against the TLS port is not an answer.
+    let url = format!("http://127.0.0.1:{}/readyz", node.addr.port());
+    let (ok, out) = health(&[], &["--url", &url]).await;
+    assert!(!ok, "{out}");
+}
+
+/// With an internal listener, `pubgate health` checks it (plain HTTP) by default.
+#[tokio::test]
+async fn pubgate_health_prefers_the_internal_listener() {
+    let cert = SelfSigned::new();
+    let node = start_node(Config {
+        internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..cert.config()
+    })
+    .await;
+    let internal = node.internal.unwrap();
+    let envs = [
+        ("PUBGATE_LISTEN", format!("127.0.0.1:{}", node.addr.port())),
+        ("PUBGATE_INTERNAL_LISTEN", internal.to_string()),
+        ("PUBGATE_TLS_CERT", cert.cert.display().to_string()),
+        ("PUBGATE_TLS_KEY", cert.key.display().to_string()),
+    ];
+    let (ok, out) = health(&envs, &[]).await;
+    assert!(ok, "{out}");
+    drop(node);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, out) = health(&envs, &[]).await;
+    assert!(!ok, "a stopped node is not healthy: {out}");
+}

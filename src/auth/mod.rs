@@ -13,10 +13,11 @@ use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 
 pub use permissions::Permissions;
-pub use token::{Claims, TokenError, Verifier};
+pub use token::{Claims, Required, TokenError, Verifier};
 
 use crate::config::Config;
 use crate::error::ConfigError;
+use crate::presence::Info;
 
 /// The authenticated side of one connection.
 #[derive(Debug, Clone)]
@@ -27,6 +28,13 @@ pub struct Identity {
     pub permissions: Permissions,
     /// The token's `exp` (unix seconds); `None` for anonymous connections.
     pub exp: Option<u64>,
+    /// The token's `info`, shown with the connection in presence. Fixed for the connection's
+    /// life: a refresh token's `info` is ignored (presence and the joins already sent keep
+    /// describing the member the same way).
+    pub info: Option<Info>,
+    /// When the token was verified: a `__control` disconnect of this user issued after it also
+    /// closes a connection that registers later (see `users`).
+    pub verified_at: std::time::Instant,
 }
 
 impl Identity {
@@ -36,6 +44,8 @@ impl Identity {
             user: None,
             permissions: Permissions::Open,
             exp: None,
+            info: None,
+            verified_at: std::time::Instant::now(),
         }
     }
 
@@ -45,6 +55,8 @@ impl Identity {
             user: Some(claims.sub.clone()),
             permissions: Permissions::granted(&claims.sub, &claims.subscribe, &claims.publish),
             exp: Some(claims.exp),
+            info: claims.info.clone(),
+            verified_at: std::time::Instant::now(),
         }
     }
 }
@@ -57,12 +69,21 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// From `PUBGATE_JWT_SECRET` or `PUBGATE_JWT_PUBLIC_KEY_FILE` (validated not to be both).
+    /// From `PUBGATE_JWT_SECRET`, `PUBGATE_JWT_PUBLIC_KEY_FILE` or `PUBGATE_JWT_JWKS_FILE`
+    /// (validated to be one at most), with the `aud` / `iss` the node requires.
     pub fn from_config(config: &Config) -> Result<Auth, ConfigError> {
-        let verifier = match (&config.jwt_secret, &config.jwt_public_key_file) {
-            (Some(secret), _) => Some(Verifier::hs256(secret.as_bytes())),
-            (None, Some(path)) => Some(Verifier::from_public_key_file(path)?),
-            (None, None) => None,
+        let required = Required {
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+        };
+        let verifier = if let Some(secret) = &config.jwt_secret {
+            Some(Verifier::hs256(secret.as_bytes(), &required))
+        } else if let Some(path) = &config.jwt_public_key_file {
+            Some(Verifier::from_public_key_file(path, &required)?)
+        } else if let Some(path) = &config.jwt_jwks_file {
+            Some(Verifier::from_jwks_file(path, &required)?)
+        } else {
+            None
         };
         Ok(Auth { verifier })
     }
@@ -72,11 +93,12 @@ impl Auth {
         self.verifier.as_ref()
     }
 
-    /// A short name of the mode for the start-up log: `anonymous`, `HS256`, `RS256`, `ES256`.
+    /// A short name of the mode for the start-up log: `anonymous`, `HS256`, `RS256`, `ES256`,
+    /// `JWKS (n keys)`.
     pub fn mode(&self) -> String {
         match &self.verifier {
             None => "anonymous".into(),
-            Some(v) => format!("{:?}", v.algorithm()),
+            Some(v) => v.mode(),
         }
     }
 

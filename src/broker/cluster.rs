@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::slots::SlotMap;
+use super::slots::{broker_channel, sharded_name, SlotMap};
 use super::{Broker, MessageSink};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
@@ -43,7 +43,7 @@ use crate::redis_commands::RedisCommands;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Slot map re-read interval while something is down (a failover takes seconds).
-const DEGRADED_REFRESH: Duration = Duration::from_millis(250);
+const DEGRADED_REFRESH: Duration = Duration::from_millis(100);
 /// Channels per pipeline when a shard connection restores its subscriptions.
 const RESUBSCRIBE_BATCH: usize = 1000;
 
@@ -144,8 +144,9 @@ impl ClusterBroker {
 }
 
 impl Shared {
+    /// The Redis shard channel of a broker channel (see [`sharded_name`]).
     fn prefixed(&self, channel: &str) -> String {
-        format!("{}{channel}", self.options.prefix)
+        sharded_name(&self.options.prefix, channel)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -345,10 +346,11 @@ impl AsyncPushSender for PushRouter {
                 };
                 if channel.starts_with(self.probe_prefix.as_bytes()) {
                     let _ = self.events.send(Event::Probe(payload.to_vec()));
-                } else if let Some(rest) = channel.strip_prefix(self.prefix.as_bytes()) {
-                    if let Ok(channel) = std::str::from_utf8(rest) {
-                        self.sink.deliver(channel, payload);
-                    }
+                } else if let Some(channel) = std::str::from_utf8(channel)
+                    .ok()
+                    .and_then(|name| broker_channel(&self.prefix, name))
+                {
+                    self.sink.deliver(&channel, payload);
                 }
             }
             PushKind::SUnsubscribe => {
@@ -486,9 +488,8 @@ async fn serve_shard(shared: &Arc<Shared>, shard: &Arc<Shard>, failures: &mut u3
                     }
                 }
                 Some(Event::Unsubscribed(full)) => {
-                    let still_ours = full
-                        .strip_prefix(shared.options.prefix.as_str())
-                        .is_some_and(|c| shared.state().channels.get(c) == Some(&shard.addr));
+                    let still_ours = broker_channel(&shared.options.prefix, &full)
+                        .is_some_and(|c| shared.state().channels.get(c.as_ref()) == Some(&shard.addr));
                     if still_ours {
                         // Redis moved the slot away (migration): find the new owner.
                         tracing::info!(shard = %shard.addr, channel = %full, "redis moved a subscribed channel away");

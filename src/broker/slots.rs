@@ -26,6 +26,36 @@ pub fn slot_of(name: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
 }
 
+/// Broker channels starting with this carry presence events (`__presence:<channel>`).
+const PRESENCE_EVENTS: &str = "__presence:";
+
+/// The Redis shard channel of a broker channel in cluster mode: `<prefix><channel>`, except the
+/// presence events of a channel, `<prefix>__presence:{<prefix><channel>}`, so they share the slot
+/// of the channel's presence key and the presence scripts may SPUBLISH them (a script may only
+/// touch its own slot). Shard channels and keys are separate namespaces: the same name is fine.
+pub fn sharded_name(prefix: &str, channel: &str) -> String {
+    match channel.strip_prefix(PRESENCE_EVENTS) {
+        Some(of) => format!("{prefix}{PRESENCE_EVENTS}{{{prefix}{of}}}"),
+        None => format!("{prefix}{channel}"),
+    }
+}
+
+/// The broker channel of a shard channel name (the inverse of [`sharded_name`]); `None` for a
+/// name outside the prefix.
+pub fn broker_channel<'a>(prefix: &str, name: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+    let channel = name.strip_prefix(prefix)?;
+    if let Some(tagged) = channel.strip_prefix(PRESENCE_EVENTS) {
+        if let Some(of) = tagged
+            .strip_prefix('{')
+            .and_then(|t| t.strip_prefix(prefix))
+            .and_then(|t| t.strip_suffix('}'))
+        {
+            return Some(format!("{PRESENCE_EVENTS}{of}").into());
+        }
+    }
+    Some(channel.into())
+}
+
 /// Slot ranges and the master (`host:port`) that owns each.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotMap {
@@ -117,6 +147,19 @@ impl SlotMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_events_share_the_slot_of_the_presence_key() {
+        let name = sharded_name("p:", "__presence:news");
+        assert_eq!(name, "p:__presence:{p:news}");
+        assert_eq!(slot_of(name.as_bytes()), slot_of(b"p:__presence:{p:news}"));
+        assert_eq!(slot_of(name.as_bytes()), slot_of(b"p:news"));
+        assert_eq!(broker_channel("p:", &name).unwrap(), "__presence:news");
+        assert_eq!(sharded_name("p:", "news"), "p:news");
+        assert_eq!(broker_channel("p:", "p:news").unwrap(), "news");
+        assert_eq!(broker_channel("p:", "p:__control").unwrap(), "__control");
+        assert_eq!(broker_channel("p:", "q:news"), None);
+    }
 
     #[test]
     fn slots_match_redis() {

@@ -28,6 +28,9 @@ pub struct Session {
     pub outbox: Arc<Outbox>,
     /// Channels this connection is subscribed to.
     pub channels: HashSet<String>,
+    /// Subscribed channels whose presence events the connection receives (a subset of
+    /// `channels`).
+    pub watched: HashSet<String>,
     /// The token's `sub`; `None` when anonymous.
     pub user: Option<String>,
     /// What the connection may do; replaced by a refresh.
@@ -41,13 +44,14 @@ impl Session {
     /// starts its expiry timer.
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, identity: Identity) -> Self {
         if let Some(user) = &identity.user {
-            node.users.insert(user, &outbox);
+            node.users.insert(user, &outbox, identity.verified_at);
         }
         let expiry = identity.exp.map(|exp| expiry::watch(outbox.clone(), exp));
         Session {
             node,
             outbox,
             channels: HashSet::new(),
+            watched: HashSet::new(),
             user: identity.user,
             permissions: identity.permissions,
             expiry,
@@ -61,14 +65,20 @@ impl Session {
             Ok(request) => {
                 let id = request.id;
                 match request.command {
-                    Command::Subscribe { channel } => subscribe::apply(self, id, &channel).await,
+                    Command::Subscribe {
+                        channel,
+                        presence_events,
+                    } => subscribe::apply(self, id, &channel, presence_events).await,
                     Command::Unsubscribe { channel } => {
                         unsubscribe::apply(self, id, &channel).await
                     }
                     Command::Publish { channel, data } => {
                         publish::apply(self, id, &channel, data).await
                     }
-                    Command::Presence { channel } => presence::apply(self, id, &channel).await,
+                    Command::Presence {
+                        channel,
+                        count_only,
+                    } => presence::apply(self, id, &channel, count_only).await,
                     Command::Ping => Ok(Reply::Pong { id }.encode()),
                     Command::Refresh { token } => refresh::apply(self, id, &token).await,
                 }
@@ -115,7 +125,10 @@ impl Session {
             self.node.users.remove(user, self.outbox.key);
         }
         let channels: Vec<String> = self.channels.into_iter().collect();
-        self.node.disconnect(&self.outbox, &channels).await;
+        let watched: Vec<String> = self.watched.into_iter().collect();
+        self.node
+            .disconnect(&self.outbox, &channels, &watched)
+            .await;
     }
 }
 

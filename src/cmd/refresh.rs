@@ -38,11 +38,21 @@ pub async fn apply<'a>(
         .cloned()
         .collect();
     lost.sort();
-    // The new permissions apply before the first unsubscribe awaits, so no request can slip in
-    // under the old ones (the reader runs one request at a time anyway).
+    // The new permissions apply before the first await, so no request can slip in under the
+    // old ones (the reader runs one request at a time anyway). Deliveries of every revoked
+    // channel stop before presence and the broker are cleaned up (see `Node::revoke`): a slow
+    // Redis delays the replies, never the revocation.
     session.permissions = identity.permissions;
+    let unwatched: Vec<String> = lost
+        .iter()
+        .filter(|c| session.watched.remove(*c))
+        .cloned()
+        .collect();
+    session
+        .node
+        .revoke(&session.outbox, &lost, &unwatched)
+        .await;
     for channel in &lost {
-        session.node.unsubscribe(&session.outbox, channel).await;
         session.channels.remove(channel);
         let notice = Reply::Unsubscribed {
             channel,

@@ -1,4 +1,7 @@
 //! `unsubscribe`: the member is gone from presence before `unsubscribed` is sent.
+//!
+//! The channel's presence events (if the connection watched them) stop first: nothing about the
+//! channel follows `unsubscribed`, and the connection never sees its own leave.
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -17,6 +20,13 @@ pub async fn apply<'a>(
             ErrorCode::NotSubscribed,
             format!("not subscribed to `{channel}`"),
         ));
+    }
+    if session.watched.contains(channel) {
+        session
+            .node
+            .unwatch_presence(&session.outbox, channel)
+            .await;
+        session.watched.remove(channel);
     }
     session.node.unsubscribe(&session.outbox, channel).await;
     // Forgotten last: if the connection ends meanwhile, the session's cleanup finishes the job.

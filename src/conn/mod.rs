@@ -92,6 +92,7 @@ async fn serve_inner(
         conn_id,
         node: node.id.clone(),
         user: identity.user.clone(),
+        info: identity.info.clone(),
     };
     let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.send_queue));
     node.drain.register(&outbox);

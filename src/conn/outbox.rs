@@ -245,6 +245,7 @@ mod tests {
             conn_id: "c".into(),
             node: "n".into(),
             user: None,
+            info: None,
         };
         Arc::new(Outbox::new(1, member, capacity))
     }

@@ -1,12 +1,16 @@
--- Lists the live members of one channel after removing the expired ones (a crashed node's).
--- KEYS[1] members hash, KEYS[2] expiry zset
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for i = 1, #expired, 1000 do
-  redis.call('HDEL', KEYS[1], unpack(expired, i, math.min(i + 999, #expired)))
+-- The exact member count of one channel and at most ARGV[1] members (0: the count only).
+-- KEYS[1] members hash. A capped list is a random subset (HRANDFIELD: O(max), not O(members)).
+local n = redis.call('HLEN', KEYS[1])
+local max = tonumber(ARGV[1])
+if max == 0 or n == 0 then
+  return {n, {}}
 end
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if n <= max then
+  return {n, redis.call('HVALS', KEYS[1])}
 end
-return redis.call('HVALS', KEYS[1])
+local pairs = redis.call('HRANDFIELD', KEYS[1], max, 'WITHVALUES')
+local values = {}
+for i = 2, #pairs, 2 do
+  values[#values + 1] = pairs[i]
+end
+return {n, values}

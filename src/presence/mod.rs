@@ -1,52 +1,85 @@
-//! The Presence seam: stores who is subscribed to which channel, cluster-wide.
+//! The Presence seam: stores who is subscribed to which channel, cluster-wide, and announces
+//! every change as a join or leave event.
 //!
-//! Presence only stores members; the hub decides when to add and remove them. The Redis
-//! implementation lets members expire unless their node refreshes them, so a crashed node's
-//! members vanish within the presence TTL.
+//! Presence only stores members; the node decides when to add and remove them. Every change of
+//! the stored set is announced on the broker channel `__presence:<channel>` by the store itself,
+//! atomically with the change (a Lua script on Redis, under the map's lock in memory), so a
+//! member's join and leave are published in the order they happened and never twice.
+//!
+//! Cost does not grow with members: the Redis implementation keeps one heartbeat per node, not
+//! a TTL per member. Survivors find a node whose heartbeat lapsed and reap its members (with
+//! their leave events) through a per-node index of its channels.
 
+mod member;
 mod memory;
 mod redis;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
 
+pub use self::member::{
+    event_conn_id, event_json, events_channel, is_events_channel, EventKind, Info, Member,
+    EVENTS_PREFIX, MAX_INFO_BYTES,
+};
 pub use self::memory::MemoryPresence;
 pub use self::redis::RedisPresence;
 
-/// One subscribed connection as a presence query shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Member {
-    /// The connection id from the client's `welcome`.
-    pub conn_id: String,
-    /// The node id the connection is on.
-    pub node: String,
-    /// The authenticated user (`sub`), `null` for anonymous connections.
-    pub user: Option<String>,
+/// The answer to a presence query.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Every member of the channel, exactly.
+    pub count: usize,
+    /// At most the requested number of members (an arbitrary subset when capped).
+    pub members: Vec<Member>,
 }
 
-/// Stores channel members.
+/// What a heartbeat found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The store had lost this node (first beat, a Redis restart, or a lapse that got the node
+    /// reaped): its members must be restored.
+    pub lost: bool,
+    /// A survivor is reaping this node right now: restore only once it is done.
+    pub being_reaped: bool,
+    /// Other nodes whose heartbeat lapsed, to be reaped.
+    pub dead: Vec<String>,
+}
+
+/// Stores channel members and announces joins and leaves.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
     /// Adds (or re-adds) `member` to `channel`; visible to `list` on every node once it returns.
-    async fn add(&self, channel: &str, member: &Member) -> Result<(), BrokerError>;
+    /// A member that was not present yet is announced with a join; returns whether it was.
+    async fn add(&self, channel: &str, member: &Member) -> Result<bool, BrokerError>;
 
     /// Removes a connection from one channel; gone from `list` on every node once it returns.
-    async fn remove(&self, channel: &str, conn_id: &str) -> Result<(), BrokerError>;
+    /// A member that was present is announced with a leave; returns how many leaves (0 or 1).
+    async fn remove(&self, channel: &str, conn_id: &str) -> Result<usize, BrokerError>;
 
-    /// Removes a closing connection from all its channels in one call.
-    async fn remove_all(&self, conn_id: &str, channels: &[String]) -> Result<(), BrokerError>;
+    /// Removes a closing connection from all its channels in one call; returns the leaves.
+    async fn remove_all(&self, conn_id: &str, channels: &[String]) -> Result<usize, BrokerError>;
 
-    /// Every live member of `channel`, on every node.
-    async fn list(&self, channel: &str) -> Result<Vec<Member>, BrokerError>;
+    /// Removes many (channel, member) pairs at once, grouped by channel and pipelined: a
+    /// draining node's members. Returns the leaves announced.
+    async fn remove_members(&self, members: &[(String, Member)]) -> Result<usize, BrokerError>;
 
-    /// Keeps this node's members from expiring: called periodically with every (channel,
-    /// member) pair of the node, in one batch. Only members still stored are kept alive, so a
-    /// member removed while the batch was in flight does not come back.
-    async fn refresh(&self, members: &[(String, Member)]) -> Result<(), BrokerError>;
+    /// The exact member count of `channel` and at most `max` members (`0`: the count only).
+    async fn list(&self, channel: &str, max: usize) -> Result<Listing, BrokerError>;
 
-    /// Re-adds every given member, for when the store may have lost them (Redis restarted, or
-    /// refreshes failed for longer than the TTL).
-    async fn restore(&self, members: &[(String, Member)]) -> Result<(), BrokerError>;
+    /// Re-adds every given member (announcing joins for those that were missing), for when the
+    /// store lost them. Returns the joins announced.
+    async fn restore(&self, members: &[(String, Member)]) -> Result<usize, BrokerError>;
+
+    /// Tells the store this node has no member left in `channel` (its last local subscriber
+    /// left), so a reaper need not visit the channel. Called under the node's channel lock.
+    async fn unindex(&self, channel: &str) -> Result<(), BrokerError>;
+
+    /// Keeps this node alive in the store; called every tenth of the presence TTL. Reports
+    /// whether the node must restore its members and which other nodes are dead.
+    async fn heartbeat(&self) -> Result<Heartbeat, BrokerError>;
+
+    /// Removes a dead node's members, announcing their leaves, unless another node is already
+    /// doing it (a short lock). Returns the leaves announced.
+    async fn reap(&self, node: &str) -> Result<usize, BrokerError>;
 }

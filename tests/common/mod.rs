@@ -54,6 +54,8 @@ pub fn rand_u32() -> u32 {
 /// A node running in this test process.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The internal listener (`PUBGATE_INTERNAL_LISTEN`), when the config sets one.
+    pub internal: Option<SocketAddr>,
     pub node_id: String,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), pubgate::Error>>>,
@@ -64,12 +66,14 @@ pub async fn start_node(config: Config) -> TestNode {
     let node_id = config.node_id.clone().expect("test configs set a node id");
     let server = Server::bind(config).await.expect("node binds");
     let addr = server.local_addr();
+    let internal = server.internal_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
     TestNode {
         addr,
+        internal,
         node_id,
         stop: Some(tx),
         handle: Some(handle),
@@ -106,7 +110,7 @@ impl TestNode {
     /// The value of one sample of `/metrics`, e.g. `pubgate_connections` or
     /// `pubgate_messages_dropped_total{reason="slow_consumer"}`.
     pub async fn metric(&self, sample: &str) -> Option<f64> {
-        let (_, body) = self.http_get("/metrics").await;
+        let (_, body) = http_get(self.internal.unwrap_or(self.addr), "/metrics").await;
         metric_value(&body, sample)
     }
 
