@@ -24,9 +24,11 @@ pub mod config;
 mod conn;
 mod control;
 mod error;
+pub mod history;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
+mod api;
 mod hub;
 pub mod metrics;
 mod node;

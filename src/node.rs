@@ -19,7 +19,10 @@ use crate::config::Config;
 use crate::conn::Outbox;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
-use crate::hub::{channel_slot, Hub};
+use crate::history::{
+    History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot,
+};
+use crate::hub::{channel_slot, Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
 use crate::presence::{Member, MemoryPresence, Presence, RedisPresence};
@@ -54,6 +57,12 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<dyn Presence>,
+    /// `None` with history off (`PUBGATE_HISTORY_SIZE=0`): v1 paths only.
+    pub history: Option<Arc<dyn History>>,
+    /// `PUBGATE_HISTORY_SIZE`: the default and largest `limit` of a `history` request.
+    pub history_size: usize,
+    /// `PUBGATE_API_KEY`; `None`: the HTTP server API answers 404.
+    pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     /// Token verification, or anonymous mode.
@@ -85,11 +94,22 @@ impl Node {
             hub: hub.clone(),
             users: users.clone(),
         });
+        let history_on = config.history_size > 0;
+        let mut history: Option<Arc<dyn History>> = None;
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis_url {
-            None => (
-                Arc::new(MemoryBroker::new(sink)),
-                Arc::new(MemoryPresence::new()),
-            ),
+            None => {
+                if history_on {
+                    history = Some(Arc::new(MemoryHistory::new(
+                        sink.clone(),
+                        config.history_size,
+                        config.history_ttl,
+                    )));
+                }
+                (
+                    Arc::new(MemoryBroker::new(sink)),
+                    Arc::new(MemoryPresence::new()),
+                )
+            }
             Some(url) => {
                 let commands = Arc::new(RedisCommands::new(url, config.redis_timeout)?);
                 let options = RedisBrokerOptions {
@@ -98,7 +118,16 @@ impl Node {
                     node_id: id.clone(),
                     probe_interval: config.broker_probe_interval,
                     timeout: config.redis_timeout,
+                    positioned: history_on,
                 };
+                if history_on {
+                    let options = RedisHistoryOptions {
+                        prefix: config.channel_prefix.clone(),
+                        size: config.history_size,
+                        ttl: config.history_ttl,
+                    };
+                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
+                }
                 let broker = RedisBroker::start(options, commands.clone(), sink, metrics.clone())?;
                 let presence = RedisPresence::new(
                     commands,
@@ -125,6 +154,9 @@ impl Node {
             hub,
             broker,
             presence,
+            history,
+            history_size: config.history_size,
+            api_key: config.api_key.clone(),
             metrics,
             drain: Drain::default(),
             auth,
@@ -197,6 +229,43 @@ impl Node {
         Ok(())
     }
 
+    /// [`Node::subscribe`] with history on: the subscription is registered behind a gate that
+    /// holds its live deliveries (see [`Gate`]); `None` if it already existed.
+    pub async fn subscribe_gated(
+        &self,
+        outbox: &Arc<Outbox>,
+        channel: &str,
+    ) -> Result<Option<Arc<Gate>>, BrokerError> {
+        let gate = {
+            let _guard = self.channel_lock(channel).lock().await;
+            if !self.hub.has_channel(channel) {
+                self.broker.subscribe(channel).await?;
+            }
+            self.hub
+                .add_gated(channel, outbox, self.limits.send_queue)
+        };
+        if let Err(e) = self.presence.add(channel, &outbox.member).await {
+            self.leave(outbox, channel).await;
+            return Err(e);
+        }
+        Ok(gate)
+    }
+
+    /// Reads a channel's history (history on; `Down` when the broker is).
+    pub async fn history_read(
+        &self,
+        channel: &str,
+        read: Read<'_>,
+    ) -> Result<Snapshot, BrokerError> {
+        let Some(history) = &self.history else {
+            return Err(BrokerError::Down);
+        };
+        if !self.broker.is_up() {
+            return Err(BrokerError::Down);
+        }
+        history.read(channel, read).await
+    }
+
     /// Unsubscribes a connection; the member is gone from presence when this returns.
     pub async fn unsubscribe(&self, outbox: &Outbox, channel: &str) {
         if let Err(e) = self.presence.remove(channel, outbox.conn_id()).await {
@@ -227,20 +296,30 @@ impl Node {
         }
     }
 
-    /// Publishes a client's `data` (its JSON text); `Ok` once the broker accepted it.
-    pub async fn publish(&self, channel: &str, data: &str) -> Result<(), BrokerError> {
+    /// Publishes a client's `data` (its JSON text); `Ok` once the broker accepted it, with the
+    /// message's offset when history is on.
+    pub async fn publish(&self, channel: &str, data: &str) -> Result<Option<u64>, BrokerError> {
         if !self.broker.is_up() {
             return Err(BrokerError::Down);
         }
         let started = Instant::now();
-        self.broker
-            .publish(channel, Bytes::copy_from_slice(data.as_bytes()))
-            .await?;
+        let payload = Bytes::copy_from_slice(data.as_bytes());
+        let offset = match &self.history {
+            None => {
+                self.broker.publish(channel, payload).await?;
+                None
+            }
+            Some(history) => {
+                let offset = history.publish(channel, payload).await?;
+                self.metrics.history_appends.inc();
+                Some(offset)
+            }
+        };
         self.metrics
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
         self.metrics.messages_published.inc();
-        Ok(())
+        Ok(offset)
     }
 
     /// Every member of `channel` on every node.

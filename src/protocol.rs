@@ -60,6 +60,13 @@ pub struct Request<'a> {
 pub enum Command<'a> {
     Subscribe {
         channel: Cow<'a, str>,
+        /// Recovery: the last position the client saw.
+        since: Option<Since<'a>>,
+    },
+    History {
+        channel: Cow<'a, str>,
+        /// `None`: the history size.
+        limit: Option<u64>,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -75,6 +82,13 @@ pub enum Command<'a> {
     Refresh {
         token: Cow<'a, str>,
     },
+}
+
+/// `"since":{"epoch":"..","offset":N}` of a subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    pub epoch: Cow<'a, str>,
+    pub offset: u64,
 }
 
 /// A request answered with an error reply.
@@ -113,6 +127,19 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    limit: Option<&'a RawValue>,
+}
+
+/// The object form of `since`; fields raw for precise errors.
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    offset: Option<&'a RawValue>,
 }
 
 /// A present field, even `null` (serde would read `null` into `None`, losing `"data": null`).
@@ -156,9 +183,25 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         Ok(name)
     };
     let command = match kind.as_ref() {
-        "subscribe" => Command::Subscribe {
-            channel: channel()?,
-        },
+        "subscribe" => {
+            let channel = channel()?;
+            let since = match raw.since.filter(|v| v.get() != "null") {
+                None => None,
+                Some(value) => Some(parse_since(value).map_err(bad)?),
+            };
+            Command::Subscribe { channel, since }
+        }
+        "history" => {
+            let channel = channel()?;
+            let limit = match raw.limit.filter(|v| v.get() != "null") {
+                None => None,
+                Some(value) => Some(
+                    serde_json::from_str::<u64>(value.get())
+                        .map_err(|_| bad("field `limit` must be a non-negative integer"))?,
+                ),
+            };
+            Command::History { channel, limit }
+        }
         "unsubscribe" => Command::Unsubscribe {
             channel: channel()?,
         },
@@ -185,6 +228,22 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         }
     };
     Ok(Request { id, command })
+}
+
+/// `since`: an object with a string `epoch` and a non-negative integer `offset`.
+fn parse_since(value: &RawValue) -> Result<Since<'_>, &'static str> {
+    const SHAPE: &str =
+        "field `since` must be an object {\"epoch\": string, \"offset\": non-negative integer}";
+    if !value.get().trim_start().starts_with('{') {
+        return Err(SHAPE);
+    }
+    let raw: RawSince = serde_json::from_str(value.get()).map_err(|_| SHAPE)?;
+    let epoch = raw.epoch.and_then(json_str).ok_or(SHAPE)?;
+    let offset = raw
+        .offset
+        .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        .ok_or(SHAPE)?;
+    Ok(Since { epoch, offset })
 }
 
 /// A JSON string value, borrowed when it has no escapes.
@@ -242,6 +301,74 @@ pub fn encode_delivery(channel: &str, payload: &[u8]) -> Bytes {
     })
 }
 
+/// [`encode_delivery`] of a positioned message: the same object with `"offset":N` last.
+pub fn encode_delivery_at(channel: &str, payload: &[u8], offset: u64) -> Bytes {
+    frame::text(
+        DELIVERY_OVERHEAD + OFFSET_OVERHEAD + channel.len() + payload.len(),
+        |out| {
+            write_delivery(out, channel, payload);
+            out.pop();
+            write_offset(out, offset);
+            out.push(b'}');
+        },
+    )
+}
+
+/// `,"offset":` plus at most 20 digits.
+const OFFSET_OVERHEAD: usize = 30;
+
+fn write_offset(out: &mut Vec<u8>, offset: u64) {
+    out.extend_from_slice(br#","offset":"#);
+    let mut digits = [0u8; 20];
+    let mut n = offset;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// One `history` reply: `{"type":"history","channel":..,"id":..,"epoch":..,"offset":N,
+/// "messages":[{"offset":..,"data":..}, ...]}`; `data` as in a delivery.
+pub fn encode_history(
+    channel: &str,
+    id: Option<&RawValue>,
+    epoch: &str,
+    offset: u64,
+    messages: &[(u64, Bytes)],
+) -> Bytes {
+    let size: usize = messages.iter().map(|(_, m)| m.len() + 40).sum();
+    frame::text(128 + channel.len() + epoch.len() + size, |out| {
+        out.extend_from_slice(br#"{"type":"history","channel":""#);
+        out.extend_from_slice(channel.as_bytes());
+        out.push(b'"');
+        if let Some(id) = id {
+            out.extend_from_slice(br#","id":"#);
+            out.extend_from_slice(id.get().as_bytes());
+        }
+        out.extend_from_slice(br#","epoch":"#);
+        let _ = serde_json::to_writer(&mut *out, epoch);
+        write_offset(out, offset);
+        out.extend_from_slice(br#","messages":["#);
+        for (i, (offset, payload)) in messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"offset":"#);
+            out.extend_from_slice(offset.to_string().as_bytes());
+            out.extend_from_slice(br#","data":"#);
+            write_data(out, payload);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+    })
+}
+
 const DELIVERY_HEAD: &[u8] = br#"{"type":"message","channel":""#;
 const DELIVERY_MID: &[u8] = br#"","data":"#;
 const DELIVERY_OVERHEAD: usize = DELIVERY_HEAD.len() + DELIVERY_MID.len() + 3;
@@ -250,6 +377,12 @@ fn write_delivery(out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
     out.extend_from_slice(DELIVERY_HEAD);
     out.extend_from_slice(channel.as_bytes());
     out.extend_from_slice(DELIVERY_MID);
+    write_data(out, payload);
+    out.push(b'}');
+}
+
+/// A payload as the `data` value: valid JSON as is, anything else as a JSON string.
+fn write_data(out: &mut Vec<u8>, payload: &[u8]) {
     if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
         out.extend_from_slice(payload);
     } else {
@@ -257,7 +390,6 @@ fn write_delivery(out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, text.as_ref());
     }
-    out.push(b'}');
 }
 
 /// Server-to-client messages other than deliveries.
@@ -273,6 +405,14 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// History on: the channel's epoch and newest offset.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Only for a subscribe with `since`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Unsubscribed {
         channel: &'a str,
@@ -286,6 +426,9 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// History on: the offset the message got.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     Presence {
         channel: &'a str,
@@ -351,7 +494,7 @@ mod tests {
     fn parses_every_command() {
         let r = parse_request(r#"{"type":"subscribe","channel":"news","id":1}"#).unwrap();
         assert_eq!(r.id.unwrap().get(), "1");
-        assert!(matches!(r.command, Command::Subscribe { channel } if channel == "news"));
+        assert!(matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news"));
         let r = parse_request(r#"{"type":"unsubscribe","channel":"a/b"}"#).unwrap();
         assert!(r.id.is_none());
         assert!(matches!(r.command, Command::Unsubscribe { .. }));
@@ -378,7 +521,7 @@ mod tests {
     #[test]
     fn escaped_strings_are_understood() {
         let r = parse_request(r#"{"type":"sub\u0073cribe","channel":"n\u0065ws"}"#).unwrap();
-        assert!(matches!(r.command, Command::Subscribe { channel } if channel == "news"));
+        assert!(matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news"));
     }
 
     #[test]
@@ -487,6 +630,9 @@ mod tests {
         let r = Reply::Subscribed {
             channel: "n",
             id: None,
+            epoch: None,
+            offset: None,
+            recovered: None,
         };
         let frame = r.encode();
         assert_eq!(&frame[2..], br#"{"type":"subscribed","channel":"n"}"#);

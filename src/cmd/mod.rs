@@ -3,6 +3,7 @@
 //! A command gets the connection's [`Session`] and returns the reply to send, or a
 //! [`Rejection`] that becomes an `error` reply; neither ends the connection.
 
+mod history;
 mod presence;
 mod publish;
 mod refresh;
@@ -61,7 +62,12 @@ impl Session {
             Ok(request) => {
                 let id = request.id;
                 match request.command {
-                    Command::Subscribe { channel } => subscribe::apply(self, id, &channel).await,
+                    Command::Subscribe { channel, since } => {
+                        subscribe::apply(self, id, &channel, since).await
+                    }
+                    Command::History { channel, limit } => {
+                        history::apply(self, id, &channel, limit).await
+                    }
                     Command::Unsubscribe { channel } => {
                         unsubscribe::apply(self, id, &channel).await
                     }
