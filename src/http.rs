@@ -54,6 +54,7 @@ pub async fn handle(
             );
             response
         }
+        _ if path.starts_with("/api/") => crate::api::handle(req, node).await,
         "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response

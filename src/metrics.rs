@@ -50,7 +50,7 @@ pub const RECOVERY_OUTCOMES: &[&str] = &["recovered", "not_recovered"];
 pub const API_ROUTES: &[&str] = &["publish", "disconnect", "presence", "other"];
 /// Statuses the HTTP server API answers with.
 pub const API_STATUSES: &[&str] = &[
-    "200", "400", "401", "404", "405", "413", "415", "503", "504",
+    "200", "400", "401", "404", "405", "413", "503", "504",
 ];
 
 /// Typed handles to every metric of a node. Cheap to share as `Arc<Metrics>`.
