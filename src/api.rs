@@ -26,6 +26,9 @@ use crate::http::Body;
 use crate::node::Node;
 use crate::protocol::{reject_reserved, validate_channel};
 
+/// An error answer, boxed: responses are large and the happy path should not carry one.
+type Failure = Box<Response<Body>>;
+
 /// Answers one request under `/api/`.
 pub async fn handle(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
     let route = match req.uri().path() {
@@ -91,15 +94,15 @@ struct PublishBody<'a> {
 async fn publish(req: Request<Incoming>, node: &Node) -> Response<Body> {
     let body = match read_body(req, node).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let parsed: PublishBody = match parse_object(&body) {
         Ok(parsed) => parsed,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let channel = match channel_field(parsed.channel) {
         Ok(channel) => channel,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Some(data) = parsed.data else {
         return error(
@@ -124,11 +127,11 @@ struct DisconnectBody<'a> {
 async fn disconnect(req: Request<Incoming>, node: &Node) -> Response<Body> {
     let body = match read_body(req, node).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let parsed: DisconnectBody = match parse_object(&body) {
         Ok(parsed) => parsed,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Some(user) = parsed
         .user
@@ -182,52 +185,52 @@ async fn presence(req: &Request<Incoming>, node: &Node) -> Response<Body> {
 }
 
 /// The body, at most `PUBGATE_MAX_MESSAGE_SIZE` bytes (413 beyond).
-async fn read_body(req: Request<Incoming>, node: &Node) -> Result<Bytes, Response<Body>> {
+async fn read_body(req: Request<Incoming>, node: &Node) -> Result<Bytes, Failure> {
     let limit = node.limits.max_message_size;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "bad_request",
             &format!("body larger than {limit} bytes (PUBGATE_MAX_MESSAGE_SIZE)"),
-        )),
-        Err(_) => Err(error(
+        ))),
+        Err(_) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "could not read the body",
-        )),
+        ))),
     }
 }
 
-fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response<Body>> {
+fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
     let text = std::str::from_utf8(body).unwrap_or("");
     if !text.trim_start().starts_with('{') {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "the body must be a JSON object",
-        ));
+        )));
     }
     serde_json::from_str(text).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             &format!("not a valid body: {e}"),
-        )
+        ))
     })
 }
 
-fn channel_field(value: Option<&RawValue>) -> Result<String, Response<Body>> {
+fn channel_field(value: Option<&RawValue>) -> Result<String, Failure> {
     let Some(channel) = value.and_then(|v| serde_json::from_str::<String>(v.get()).ok()) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "field `channel` must be a string",
-        ));
+        )));
     };
     validate_channel(&channel)
         .and_then(|()| reject_reserved(&channel))
-        .map_err(|why| error(StatusCode::BAD_REQUEST, "invalid_channel", why))?;
+        .map_err(|why| Box::new(error(StatusCode::BAD_REQUEST, "invalid_channel", why)))?;
     Ok(channel)
 }
 

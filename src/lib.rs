@@ -17,6 +17,7 @@
 //! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
 //!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
 
+mod api;
 mod auth;
 pub mod broker;
 mod cmd;
@@ -24,11 +25,10 @@ pub mod config;
 mod conn;
 mod control;
 mod error;
-pub mod history;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 mod http;
-mod api;
 mod hub;
 pub mod metrics;
 mod node;

@@ -49,9 +49,7 @@ pub const RECOVERY_OUTCOMES: &[&str] = &["recovered", "not_recovered"];
 /// Routes of the HTTP server API (`other`: an unknown path under `/api/`).
 pub const API_ROUTES: &[&str] = &["publish", "disconnect", "presence", "other"];
 /// Statuses the HTTP server API answers with.
-pub const API_STATUSES: &[&str] = &[
-    "200", "400", "401", "404", "405", "413", "503", "504",
-];
+pub const API_STATUSES: &[&str] = &["200", "400", "401", "404", "405", "413", "503", "504"];
 
 /// Typed handles to every metric of a node. Cheap to share as `Arc<Metrics>`.
 #[derive(Debug)]

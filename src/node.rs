@@ -19,9 +19,7 @@ use crate::config::Config;
 use crate::conn::Outbox;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
-use crate::history::{
-    History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot,
-};
+use crate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot};
 use crate::hub::{channel_slot, Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
@@ -241,8 +239,7 @@ impl Node {
             if !self.hub.has_channel(channel) {
                 self.broker.subscribe(channel).await?;
             }
-            self.hub
-                .add_gated(channel, outbox, self.limits.send_queue)
+            self.hub.add_gated(channel, outbox, self.limits.send_queue)
         };
         if let Err(e) = self.presence.add(channel, &outbox.member).await {
             self.leave(outbox, channel).await;

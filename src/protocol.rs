@@ -494,7 +494,9 @@ mod tests {
     fn parses_every_command() {
         let r = parse_request(r#"{"type":"subscribe","channel":"news","id":1}"#).unwrap();
         assert_eq!(r.id.unwrap().get(), "1");
-        assert!(matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news"));
+        assert!(
+            matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news")
+        );
         let r = parse_request(r#"{"type":"unsubscribe","channel":"a/b"}"#).unwrap();
         assert!(r.id.is_none());
         assert!(matches!(r.command, Command::Unsubscribe { .. }));
@@ -519,9 +521,71 @@ mod tests {
     }
 
     #[test]
+    fn since_and_limit_are_parsed_strictly() {
+        let r = parse_request(
+            r#"{"type":"subscribe","channel":"c","since":{"epoch":"e1","offset":17}}"#,
+        )
+        .unwrap();
+        match r.command {
+            Command::Subscribe { since: Some(s), .. } => {
+                assert_eq!((&*s.epoch, s.offset), ("e1", 17))
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = parse_request(r#"{"type":"subscribe","channel":"c","since":null}"#).unwrap();
+        assert!(matches!(r.command, Command::Subscribe { since: None, .. }));
+        for bad in [
+            r#""since":1"#,
+            r#""since":[]"#,
+            r#""since":{}"#,
+            r#""since":{"epoch":"e"}"#,
+            r#""since":{"offset":1}"#,
+            r#""since":{"epoch":2,"offset":1}"#,
+            r#""since":{"epoch":"e","offset":-1}"#,
+            r#""since":{"epoch":"e","offset":1.5}"#,
+            r#""since":{"epoch":"e","offset":"1"}"#,
+            r#""since":{"epoch":"e","offset":18446744073709551616}"#,
+        ] {
+            let text = format!(r#"{{"type":"subscribe","channel":"c","id":3,{bad}}}"#);
+            assert_eq!(
+                reject(&text),
+                (ErrorCode::BadRequest, Some("3".into())),
+                "{bad}"
+            );
+        }
+        let r = parse_request(r#"{"type":"history","channel":"c","limit":5}"#).unwrap();
+        assert!(matches!(r.command, Command::History { limit: Some(5), .. }));
+        let r = parse_request(r#"{"type":"history","channel":"c"}"#).unwrap();
+        assert!(matches!(r.command, Command::History { limit: None, .. }));
+        for bad in [r#"-1"#, r#""5""#, "2.5", "{}"] {
+            let text = format!(r#"{{"type":"history","channel":"c","limit":{bad}}}"#);
+            assert_eq!(reject(&text).0, ErrorCode::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn positioned_deliveries_end_with_the_offset() {
+        let f = encode_delivery_at("news", br#"{"x":1}"#, 18);
+        assert_eq!(
+            json(&f),
+            json!({"type":"message","channel":"news","data":{"x":1},"offset":18})
+        );
+        let f = encode_delivery_at("n", b"hi", u64::MAX);
+        assert_eq!(json(&f)["offset"], json!(u64::MAX));
+        let f = encode_history("n", None, "e", 2, &[(2, Bytes::from_static(b"raw"))]);
+        assert_eq!(
+            json(&f),
+            json!({"type":"history","channel":"n","epoch":"e","offset":2,
+                   "messages":[{"offset":2,"data":"raw"}]})
+        );
+    }
+
+    #[test]
     fn escaped_strings_are_understood() {
         let r = parse_request(r#"{"type":"sub\u0073cribe","channel":"n\u0065ws"}"#).unwrap();
-        assert!(matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news"));
+        assert!(
+            matches!(r.command, Command::Subscribe { channel, since: None } if channel == "news")
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ fn api_config() -> Config {
 async fn wait_ready(addr: SocketAddr) {
     let start = Instant::now();
     while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(start.elapsed() < Duration::from_secs(15), "{addr} not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{addr} not ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -46,7 +49,10 @@ async fn call(
         body.len()
     );
     let (status, text) = http_request(addr, &request).await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 async fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
@@ -65,8 +71,20 @@ async fn without_a_key_the_api_does_not_exist() {
 #[tokio::test]
 async fn a_wrong_or_missing_key_is_401() {
     let node = start_node(api_config()).await;
-    for key in [None, Some("wrong"), Some("test-api-key-012345678"), Some("")] {
-        let (status, body) = call(node.addr, "POST", "/api/publish", key, r#"{"channel":"a","data":1}"#).await;
+    for key in [
+        None,
+        Some("wrong"),
+        Some("test-api-key-012345678"),
+        Some(""),
+    ] {
+        let (status, body) = call(
+            node.addr,
+            "POST",
+            "/api/publish",
+            key,
+            r#"{"channel":"a","data":1}"#,
+        )
+        .await;
         assert_eq!(status, 401, "{key:?}");
         assert_eq!(body["error"], "unauthorized");
     }
@@ -127,7 +145,11 @@ async fn publish_presence_disconnect(a: &TestNode, b: &TestNode, history: bool) 
         r#"{"channel":"a"}"#,
     ] {
         let (status, body) = post(a.addr, "/api/publish", bad).await;
-        assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")), "{bad}");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
     }
     for bad in ["", "a b", "__control"] {
         let (status, body) = post(
@@ -136,7 +158,11 @@ async fn publish_presence_disconnect(a: &TestNode, b: &TestNode, history: bool) 
             &json!({"channel":bad,"data":1}).to_string(),
         )
         .await;
-        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_channel")), "{bad}");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_channel")),
+            "{bad}"
+        );
     }
     let (status, _) = call(a.addr, "GET", "/api/presence", Some(KEY), "").await;
     assert_eq!(status, 400);
@@ -206,7 +232,10 @@ async fn two_nodes_on_redis_publish_disconnect_and_503() {
             assert_eq!(body["error"], "unavailable");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "still {status} {body}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still {status} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (status, _) = call(a.addr, "GET", "/api/presence?channel=n", Some(KEY), "").await;

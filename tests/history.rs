@@ -44,7 +44,10 @@ async fn wait_ready(addr: SocketAddr) {
         if listening && http_get(addr, "/readyz").await.0 == 200 {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "{addr} not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{addr} not ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -71,7 +74,9 @@ async fn publish(client: &mut Client, channel: &str, data: Value) -> u64 {
         .request(json!({"type":"publish","channel":channel,"data":data,"id":"p"}))
         .await;
     assert_eq!(reply["type"], "published", "{reply}");
-    reply["offset"].as_u64().expect("published carries the offset")
+    reply["offset"]
+        .as_u64()
+        .expect("published carries the offset")
 }
 
 /// The next message must be a delivery of `data` at `offset`.
@@ -171,7 +176,10 @@ async fn behaviours(a: &TestNode, b: &TestNode, size: usize) {
         expect_quiet(&mut c).await;
         publish(&mut publisher, &channel, json!("live")).await;
         let got = c.recv().await;
-        assert_eq!(got["data"], "live", "live delivery starts as for a plain subscribe");
+        assert_eq!(
+            got["data"], "live",
+            "live delivery starts as for a plain subscribe"
+        );
         trimmed_from += 1;
     }
 
@@ -229,7 +237,10 @@ async fn embedded_broker_offsets_recovery_and_history() {
     let node = ready_node(history_config(5)).await;
     behaviours(&node, &node, 5).await;
     let text = node.http_get("/metrics").await.1;
-    assert!(text.contains("pubgate_recoveries_total{outcome=\"recovered\"} 2"), "{text}");
+    assert!(
+        text.contains("pubgate_recoveries_total{outcome=\"recovered\"} 2"),
+        "{text}"
+    );
     assert!(text.contains("pubgate_recoveries_total{outcome=\"not_recovered\"} 3"));
     assert!(text.contains("pubgate_replayed_messages_total 2"));
 }
@@ -314,7 +325,11 @@ async fn the_epoch_changes_when_history_expires() {
         let mut again = node.client().await;
         let reply = subscribe(&mut again, "ttl", Some((&epoch, 1))).await;
         assert_eq!(reply["recovered"], false, "{reply}");
-        assert_ne!(epoch_of(&reply), epoch, "a new epoch after the history expired");
+        assert_ne!(
+            epoch_of(&reply),
+            epoch,
+            "a new epoch after the history expired"
+        );
         assert_eq!(reply["offset"], 0);
         assert_eq!(publish(&mut c, "ttl", json!(2)).await, 1, "offsets restart");
         expect_delivery(&mut again, "ttl", json!(2), 1).await;
@@ -440,9 +455,10 @@ async fn the_recovery_race_under_continuous_publishing() {
         checks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             while seen.last().copied().unwrap_or(since) < final_offset {
-                let m = c.recv_within(Duration::from_secs(20)).await.unwrap_or_else(|| {
-                    panic!("client {i}: stalled after {:?}", seen.last())
-                });
+                let m = c
+                    .recv_within(Duration::from_secs(20))
+                    .await
+                    .unwrap_or_else(|| panic!("client {i}: stalled after {:?}", seen.last()));
                 seen.push(m["offset"].as_u64().unwrap());
             }
             let expected: Vec<u64> = (since + 1..=final_offset).collect();
@@ -459,7 +475,10 @@ async fn the_recovery_race_under_continuous_publishing() {
          {PUBLISHERS} publishers sent {final_offset} messages; {total} deliveries checked, \
          each client exactly since+1..={final_offset}"
     );
-    assert!(final_offset > 100, "publishing went on during the reconnects");
+    assert!(
+        final_offset > 100,
+        "publishing went on during the reconnects"
+    );
 }
 
 /// Clients follow a channel on node A (the release binary); A is SIGKILLed while publishing goes

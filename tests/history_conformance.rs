@@ -18,7 +18,10 @@ use common::redis::RedisServer;
 const SIZE: usize = 3;
 
 #[derive(Default)]
-struct Collector(Mutex<Vec<(String, Vec<u8>, Option<u64>)>>);
+struct Collector(Mutex<Vec<Delivered>>);
+
+/// (channel, payload, offset)
+type Delivered = (String, Vec<u8>, Option<u64>);
 
 impl MessageSink for Collector {
     fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
@@ -87,13 +90,25 @@ async fn offsets_epochs_reads_and_trimming(f: Fixture) {
     let trimmed = h.read("a", Read::Since { epoch, offset: 1 }).await.unwrap();
     assert!(!trimmed.recovers(epoch, 1), "message 2 is gone");
     let other = h
-        .read("a", Read::Since { epoch: "x", offset: 3 })
+        .read(
+            "a",
+            Read::Since {
+                epoch: "x",
+                offset: 3,
+            },
+        )
         .await
         .unwrap();
     assert!(other.messages.is_empty());
     assert!(!other.recovers("x", 3));
     let future = h
-        .read("a", Read::Since { epoch, offset: u64::MAX })
+        .read(
+            "a",
+            Read::Since {
+                epoch,
+                offset: u64::MAX,
+            },
+        )
         .await
         .unwrap();
     assert!(!future.recovers(epoch, u64::MAX));

@@ -20,5 +20,10 @@ pub async fn apply<'a>(
         .publish(channel, data.get())
         .await
         .map_err(|e| unavailable(id, "publish", &e))?;
-    Ok(Reply::Published { channel, id, offset }.encode())
+    Ok(Reply::Published {
+        channel,
+        id,
+        offset,
+    }
+    .encode())
 }

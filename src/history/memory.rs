@@ -34,8 +34,10 @@ struct Inner {
     salt: u64,
     next_epoch: AtomicU64,
     /// Channel states by channel hash: unrelated channels rarely contend.
-    shards: Box<[Mutex<HashMap<Box<str>, ChannelState>>]>,
+    shards: Box<[Mutex<Channels>]>,
 }
+
+type Channels = HashMap<Box<str>, ChannelState>;
 
 struct ChannelState {
     epoch: Box<str>,
@@ -64,7 +66,7 @@ impl MemoryHistory {
 }
 
 impl Inner {
-    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<Box<str>, ChannelState>> {
+    fn shard(&self, channel: &str) -> MutexGuard<'_, Channels> {
         self.shards[channel_slot(channel, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -73,7 +75,7 @@ impl Inner {
     /// The channel's live state, created (a new epoch) when absent or expired.
     fn state<'m>(
         &self,
-        map: &'m mut HashMap<Box<str>, ChannelState>,
+        map: &'m mut Channels,
         channel: &str,
         now: Instant,
     ) -> &'m mut ChannelState {

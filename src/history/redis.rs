@@ -159,7 +159,9 @@ impl Inner {
 async fn load_until_done(inner: Weak<Inner>) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         match strong.ensure_loaded().await {
             Ok(()) => return,
             Err(e) => tracing::debug!(error = %e, "redis function library not loaded yet"),

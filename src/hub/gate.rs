@@ -28,13 +28,13 @@ pub struct Gate {
     state: Mutex<State>,
 }
 
+/// A held frame and its position (offset, epoch), if any.
+type Held = (Option<(u64, Box<str>)>, Bytes);
+
 #[derive(Debug)]
 enum State {
     /// Before `go_live`: frames held in arrival order with their position.
-    Holding {
-        held: Vec<(Option<(u64, Box<str>)>, Bytes)>,
-        limit: usize,
-    },
+    Holding { held: Vec<Held>, limit: usize },
     /// After `go_live`: drop positioned messages of `epoch` up to `last`.
     Live { epoch: Box<str>, last: u64 },
 }
@@ -167,7 +167,17 @@ mod tests {
         gate.go_live(&o, "e", 3);
         let f = Bytes::from_static(b"x");
         assert_eq!(gate.pass(&o, &f, at(3)), Push::Closed);
-        assert_eq!(gate.pass(&o, &f, Some(Position { offset: 1, epoch: "f" })), Push::Queued);
+        assert_eq!(
+            gate.pass(
+                &o,
+                &f,
+                Some(Position {
+                    offset: 1,
+                    epoch: "f"
+                })
+            ),
+            Push::Queued
+        );
         assert_eq!(gate.pass(&o, &f, at(4)), Push::Queued);
         assert_eq!(queued(&o).len(), 2);
     }
