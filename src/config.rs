@@ -12,6 +12,9 @@ use clap::{Args, ValueEnum};
 
 use crate::error::ConfigError;
 
+/// Largest `PUBGATE_HISTORY_SIZE`: a recovery replays at most this many messages to one client.
+pub const MAX_HISTORY_SIZE: usize = 100_000;
+
 /// Log output format (`PUBGATE_LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum LogFormat {
@@ -167,6 +170,15 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub console: bool,
 
+    /// Messages each channel keeps for recovery and the `history` request; `0` = no history
+    /// (deliveries carry no offset and the hot path is v1's).
+    #[arg(long, env = "PUBGATE_HISTORY_SIZE", default_value_t = 0)]
+    pub history_size: usize,
+
+    /// A channel's history (and its epoch) is dropped this long after its last publish.
+    #[arg(long, env = "PUBGATE_HISTORY_TTL", default_value = "5m", value_parser = duration_of("PUBGATE_HISTORY_TTL"))]
+    pub history_ttl: Duration,
+
     /// Log format: `text` or `json`. Levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "PUBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -207,6 +219,8 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             console: false,
+            history_size: 0,
+            history_ttl: Duration::from_secs(300),
             log_format: LogFormat::Text,
         }
     }
@@ -415,6 +429,24 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if self.history_size > MAX_HISTORY_SIZE {
+            return Err(ConfigError::invalid(
+                "PUBGATE_HISTORY_SIZE",
+                format!("must be at most {MAX_HISTORY_SIZE}"),
+            ));
+        }
+        if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "PUBGATE_HISTORY_TTL",
+                "must be at least 1s while PUBGATE_HISTORY_SIZE is set",
+            ));
+        }
+        if self.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err(ConfigError::invalid(
+                "PUBGATE_API_KEY",
+                "must be at least 16 characters (unset it to disable the HTTP API)",
+            ));
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 200 || id.contains(char::is_whitespace) {

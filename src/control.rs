@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::broker::MessageSink;
 use crate::conn::CloseReason;
+use crate::history::Position;
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::presence::is_events_channel;
@@ -29,13 +30,13 @@ pub struct Router {
 }
 
 impl MessageSink for Router {
-    fn deliver(&self, channel: &str, payload: &[u8]) {
+    fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
         if channel == CONTROL_CHANNEL {
             self.control(payload);
         } else if is_events_channel(channel) {
             self.hub.deliver_event(channel, payload);
         } else {
-            self.hub.deliver(channel, payload);
+            self.hub.deliver(channel, payload, position);
         }
     }
 }
@@ -135,12 +136,16 @@ mod tests {
             br#"{"type":"kick","user":"alice"}"#,
             b"\xff\xfe",
         ] {
-            router.deliver(CONTROL_CHANNEL, ignored);
+            router.deliver(CONTROL_CHANNEL, ignored, None);
         }
         // The same text on an ordinary channel is a message, not a command.
-        router.deliver("control", br#"{"type":"disconnect","user":"alice"}"#);
+        router.deliver("control", br#"{"type":"disconnect","user":"alice"}"#, None);
         assert!(alice.iter().all(|o| !o.is_closing()));
-        router.deliver(CONTROL_CHANNEL, br#"{"type":"disconnect","user":"alice"}"#);
+        router.deliver(
+            CONTROL_CHANNEL,
+            br#"{"type":"disconnect","user":"alice"}"#,
+            None,
+        );
         assert!(alice
             .iter()
             .all(|o| o.close_reason() == CloseReason::Disconnected));

@@ -101,13 +101,21 @@ pub fn parse_request(bytes: &[u8]) {
                 info: None,
             }];
             let (name, reply, channel) = match &request.command {
-                Command::Subscribe { channel, .. } => {
+                Command::Subscribe { channel, since, .. } => {
                     let channel: &str = channel;
                     let reply = Reply::Subscribed {
                         channel,
                         id: request.id,
+                        epoch: since.as_ref().map(|s| &*s.epoch),
+                        offset: since.as_ref().map(|s| s.offset),
+                        recovered: since.as_ref().map(|_| false),
                     };
                     ("subscribe", reply.encode(), Some(channel))
+                }
+                Command::History { channel, .. } => {
+                    let channel: &str = channel;
+                    let reply = protocol::encode_history(channel, request.id, "e", 0, &[]);
+                    ("history", reply, Some(channel))
                 }
                 Command::Unsubscribe { channel } => {
                     let channel: &str = channel;
@@ -125,6 +133,7 @@ pub fn parse_request(bytes: &[u8]) {
                     let reply = Reply::Published {
                         channel,
                         id: request.id,
+                        offset: None,
                     };
                     ("publish", reply.encode(), Some(channel))
                 }

@@ -70,9 +70,7 @@ pub async fn handle(
         if !surface.operations() {
             return Ok(not_found());
         }
-        // ---- HTTP server API (history helper): `crate::api::handle(req, node).await` goes here.
-        // Until src/api.rs exists, `/api/*` answers 404 on the surfaces that will serve it.
-        return Ok(not_found());
+        return Ok(crate::api::handle(req, node).await);
     }
     Ok(match path {
         "/ws" if !surface.websocket() => not_found(),

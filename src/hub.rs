@@ -5,6 +5,10 @@
 //! into shards by channel hash so unrelated channels never contend, and a shard lock is only held
 //! while queueing (never while writing to a socket). The hub does not talk to the broker: deciding
 //! when to subscribe the node to a channel is [`crate::node::Node`]'s job.
+//!
+//! With history on, a new subscription starts behind a [`Gate`] (see `gate.rs`): live deliveries
+//! for that one connection are held while its subscribe reads the history, then merged by offset.
+//! Without a gate (history off, every v1 subscription) delivery is the plain queue push.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -13,13 +17,27 @@ use std::sync::{Arc, RwLock};
 use crate::broker::MessageSink;
 use crate::conn::frame;
 use crate::conn::{Outbox, Push};
+use crate::history::Position;
 use crate::metrics::Metrics;
 use crate::presence::{event_conn_id, is_events_channel, Member};
-use crate::protocol::encode_delivery;
+use crate::protocol::{encode_delivery, encode_delivery_at};
+
+pub use self::gate::Gate;
+
+mod gate;
 
 const SHARDS: usize = 64;
 
-type Subscribers = HashMap<u64, Arc<Outbox>>;
+/// One local subscriber of a channel.
+#[derive(Debug)]
+struct Sub {
+    outbox: Arc<Outbox>,
+    /// Present for subscriptions made with history on, until they were merged with the history
+    /// they read (and a little after, to drop late duplicates).
+    gate: Option<Arc<Gate>>,
+}
+
+type Subscribers = HashMap<u64, Sub>;
 type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
 
 /// Channel -> local subscribers.
@@ -53,6 +71,18 @@ impl Hub {
 
     /// Adds a subscriber; returns false if it was already subscribed.
     pub fn add(&self, channel: &str, outbox: &Arc<Outbox>) -> bool {
+        self.insert(channel, outbox, None)
+    }
+
+    /// Adds a subscriber whose live deliveries are held by a new gate until
+    /// [`Gate::go_live`]; `None` if it was already subscribed (nothing changes).
+    pub fn add_gated(&self, channel: &str, outbox: &Arc<Outbox>, hold: usize) -> Option<Arc<Gate>> {
+        let gate = Arc::new(Gate::new(hold));
+        self.insert(channel, outbox, Some(gate.clone()))
+            .then_some(gate)
+    }
+
+    fn insert(&self, channel: &str, outbox: &Arc<Outbox>, gate: Option<Arc<Gate>>) -> bool {
         let mut shard = write(self.shard(channel));
         // Presence-event entries are not subscriptions a client made: they stay out of the gauges.
         let counted = !is_events_channel(channel);
@@ -62,12 +92,19 @@ impl Hub {
             }
             Subscribers::new()
         });
-        let added = subscribers.insert(outbox.key, outbox.clone()).is_none();
-        if added && counted {
+        if subscribers.contains_key(&outbox.key) {
+            return false;
+        }
+        let sub = Sub {
+            outbox: outbox.clone(),
+            gate,
+        };
+        subscribers.insert(outbox.key, sub);
+        if counted {
             self.metrics.subscriptions.inc();
             self.metrics.presence_members.inc();
         }
-        added
+        true
     }
 
     /// Removes a subscriber; returns true if the channel has no local subscriber left.
@@ -102,7 +139,7 @@ impl Hub {
                 out.extend(
                     subscribers
                         .values()
-                        .map(|o| (channel.to_string(), o.member.clone())),
+                        .map(|s| (channel.to_string(), s.outbox.member.clone())),
                 );
             }
         }
@@ -126,11 +163,11 @@ impl Hub {
         };
         let frame = frame::text(payload.len(), |out| out.extend_from_slice(payload));
         let (mut queued, mut dropped) = (0, 0);
-        for outbox in subscribers.values() {
-            if outbox.conn_id() == conn_id {
+        for sub in subscribers.values() {
+            if sub.outbox.conn_id() == conn_id {
                 continue;
             }
-            match outbox.try_push(frame.clone()) {
+            match sub.outbox.try_push(frame.clone()) {
                 Push::Queued => queued += 1,
                 Push::Full => dropped += 1,
                 Push::Closed => {}
@@ -152,15 +189,22 @@ impl Hub {
 }
 
 impl MessageSink for Hub {
-    fn deliver(&self, channel: &str, payload: &[u8]) {
+    fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
         let shard = read(self.shard(channel));
         let Some(subscribers) = shard.get(channel) else {
             return;
         };
-        let frame = encode_delivery(channel, payload);
+        let frame = match position {
+            None => encode_delivery(channel, payload),
+            Some(p) => encode_delivery_at(channel, payload, p.offset),
+        };
         let (mut queued, mut dropped) = (0, 0);
-        for outbox in subscribers.values() {
-            match outbox.try_push(frame.clone()) {
+        for sub in subscribers.values() {
+            let pushed = match &sub.gate {
+                None => sub.outbox.try_push(frame.clone()),
+                Some(gate) => gate.pass(&sub.outbox, &frame, position),
+            };
+            match pushed {
                 Push::Queued => queued += 1,
                 Push::Full => dropped += 1,
                 Push::Closed => {}

@@ -12,12 +12,15 @@
 //! - `protocol` and `cmd`: client messages, replies, one file per command.
 //! - `hub`: local channel -> subscriber registry and fan-out; calls the broker on the first and
 //!   last local subscriber of a channel.
-//! - [`broker`] and [`presence`]: the two seams, each with a memory and a Redis implementation.
+//! - [`broker`], [`presence`] and [`history`]: the seams, each with a memory and a Redis
+//!   implementation (history: offsets, epochs and the last N messages, for recovery).
+//! - `api`: the HTTP server API for backends (`/api/publish`, `/api/disconnect`, `/api/presence`).
 //! - [`metrics`]: the Prometheus registry of one node.
 //! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
 //!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
 //! - `console`: the optional operator page at `/console` and the JS client it runs on.
 
+mod api;
 mod auth;
 pub mod broker;
 mod cmd;
@@ -30,6 +33,7 @@ mod error;
 pub mod fuzzing;
 #[doc(hidden)]
 pub mod health;
+pub mod history;
 mod http;
 mod hub;
 pub mod metrics;

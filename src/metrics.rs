@@ -46,6 +46,13 @@ pub const DISCONNECT_REASONS: &[&str] = &[
     "flood",
 ];
 
+/// Outcomes of a subscribe with `since`.
+pub const RECOVERY_OUTCOMES: &[&str] = &["recovered", "not_recovered"];
+/// Routes of the HTTP server API (`other`: an unknown path under `/api/`).
+pub const API_ROUTES: &[&str] = &["publish", "disconnect", "presence", "other"];
+/// Statuses the HTTP server API answers with.
+pub const API_STATUSES: &[&str] = &["200", "400", "401", "404", "405", "413", "503", "504"];
+
 /// Typed handles to every metric of a node. Cheap to share as `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -83,6 +90,14 @@ pub struct Metrics {
     pub requests_rejected: IntCounterVec,
     /// Connections closed by the server's policy, by reason.
     pub disconnects: IntCounterVec,
+    /// Messages this node appended to a channel's history (its client and API publishes).
+    pub history_appends: IntCounter,
+    /// Subscribes with `since`, by outcome.
+    pub recoveries: IntCounterVec,
+    /// Messages replayed to recovering subscribers.
+    pub replayed: IntCounter,
+    /// HTTP server API requests, by route and status.
+    pub api_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -167,6 +182,25 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            history_appends: IntCounter::new(
+                "pubgate_history_appends_total",
+                "Messages this node appended to a channel's history",
+            )?,
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "pubgate_recoveries_total",
+                    "Subscribes with `since`, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            replayed: IntCounter::new(
+                "pubgate_replayed_messages_total",
+                "Messages replayed to recovering subscribers",
+            )?,
+            api_requests: IntCounterVec::new(
+                Opts::new("pubgate_api_requests_total", "HTTP server API requests"),
+                &["route", "status"],
+            )?,
             registry,
         };
         metrics.register_all()?;
@@ -191,12 +225,22 @@ impl Metrics {
         r.register(Box::new(self.upgrades_rejected.clone()))?;
         r.register(Box::new(self.requests_rejected.clone()))?;
         r.register(Box::new(self.disconnects.clone()))?;
+        r.register(Box::new(self.history_appends.clone()))?;
+        r.register(Box::new(self.recoveries.clone()))?;
+        r.register(Box::new(self.replayed.clone()))?;
+        r.register(Box::new(self.api_requests.clone()))?;
+        for route in API_ROUTES {
+            for status in API_STATUSES {
+                self.api_requests.with_label_values(&[route, status]);
+            }
+        }
         let labelled = [
             (&self.messages_dropped, DROP_REASONS),
             (&self.presence_events, PRESENCE_EVENT_TYPES),
             (&self.upgrades_rejected, UPGRADE_REJECT_REASONS),
             (&self.requests_rejected, REQUEST_REJECT_REASONS),
             (&self.disconnects, DISCONNECT_REASONS),
+            (&self.recoveries, RECOVERY_OUTCOMES),
         ];
         for (vec, reasons) in labelled {
             for reason in reasons {
@@ -253,6 +297,11 @@ mod tests {
             "pubgate_requests_rejected_total{reason=\"forbidden\"} ",
             "pubgate_requests_rejected_total{reason=\"rate_limited\"} ",
             "pubgate_requests_rejected_total{reason=\"invalid_channel\"} ",
+            "pubgate_history_appends_total ",
+            "pubgate_recoveries_total{outcome=\"recovered\"} ",
+            "pubgate_recoveries_total{outcome=\"not_recovered\"} ",
+            "pubgate_replayed_messages_total ",
+            "pubgate_api_requests_total{route=\"publish\",status=\"200\"} ",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -24,7 +24,8 @@ use crate::config::Config;
 use crate::conn::Outbox;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
-use crate::hub::{channel_slot, Hub};
+use crate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot};
+use crate::hub::{channel_slot, Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
 use crate::presence::{
@@ -63,6 +64,12 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<dyn Presence>,
+    /// `None` with history off (`PUBGATE_HISTORY_SIZE=0`): v1 paths only.
+    pub history: Option<Arc<dyn History>>,
+    /// `PUBGATE_HISTORY_SIZE`: the default and largest `limit` of a `history` request.
+    pub history_size: usize,
+    /// `PUBGATE_API_KEY`; `None`: the HTTP server API answers 404.
+    pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     /// Token verification, or anonymous mode.
@@ -101,6 +108,8 @@ impl Node {
         });
         let ca = crate::redis_client::read_ca(config.redis_ca_file.as_deref())?;
         let seeds = config.cluster_seeds();
+        let history_on = config.history_size > 0;
+        let mut history: Option<Arc<dyn History>> = None;
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis_url {
             None if !seeds.is_empty() => {
                 let commands = Arc::new(RedisCommands::cluster(
@@ -118,7 +127,16 @@ impl Node {
                     node_id: id.clone(),
                     probe_interval: config.broker_probe_interval,
                     timeout: config.redis_timeout,
+                    positioned: history_on,
                 };
+                if history_on {
+                    let options = RedisHistoryOptions {
+                        prefix: config.channel_prefix.clone(),
+                        size: config.history_size,
+                        ttl: config.history_ttl,
+                    };
+                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
+                }
                 let broker = ClusterBroker::start(options, commands.clone(), sink, metrics.clone());
                 let presence = RedisPresence::new(
                     commands,
@@ -129,6 +147,13 @@ impl Node {
                 (Arc::new(broker), Arc::new(presence))
             }
             None => {
+                if history_on {
+                    history = Some(Arc::new(MemoryHistory::new(
+                        sink.clone(),
+                        config.history_size,
+                        config.history_ttl,
+                    )));
+                }
                 let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(sink));
                 let presence = MemoryPresence::with_events(broker.clone());
                 (broker, Arc::new(presence))
@@ -146,7 +171,16 @@ impl Node {
                     node_id: id.clone(),
                     probe_interval: config.broker_probe_interval,
                     timeout: config.redis_timeout,
+                    positioned: history_on,
                 };
+                if history_on {
+                    let options = RedisHistoryOptions {
+                        prefix: config.channel_prefix.clone(),
+                        size: config.history_size,
+                        ttl: config.history_ttl,
+                    };
+                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
+                }
                 let broker = RedisBroker::start(options, commands.clone(), sink, metrics.clone())?;
                 let presence = RedisPresence::new(
                     commands,
@@ -175,6 +209,9 @@ impl Node {
             hub,
             broker,
             presence,
+            history,
+            history_size: config.history_size,
+            api_key: config.api_key.clone(),
             metrics,
             drain: Drain::default(),
             auth,
@@ -257,6 +294,47 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// [`Node::subscribe`] with history on: the subscription is registered behind a gate that
+    /// holds its live deliveries (see [`Gate`]); `None` if it already existed.
+    pub async fn subscribe_gated(
+        &self,
+        outbox: &Arc<Outbox>,
+        channel: &str,
+    ) -> Result<Option<Arc<Gate>>, BrokerError> {
+        let gate = {
+            let _guard = self.channel_lock(channel).lock().await;
+            if !self.hub.has_channel(channel) {
+                self.broker.subscribe(channel).await?;
+            }
+            self.hub.add_gated(channel, outbox, self.limits.send_queue)
+        };
+        match self.presence.add(channel, &outbox.member).await {
+            Ok(joined) => {
+                self.count_events(EventKind::Join, joined as usize);
+                Ok(gate)
+            }
+            Err(e) => {
+                self.detach(outbox, channel).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a channel's history (history on; `Down` when the broker is).
+    pub async fn history_read(
+        &self,
+        channel: &str,
+        read: Read<'_>,
+    ) -> Result<Snapshot, BrokerError> {
+        let Some(history) = &self.history else {
+            return Err(BrokerError::Down);
+        };
+        if !self.broker.is_up() {
+            return Err(BrokerError::Down);
+        }
+        history.read(channel, read).await
     }
 
     fn count_events(&self, kind: EventKind, n: usize) {
@@ -414,20 +492,30 @@ impl Node {
         }
     }
 
-    /// Publishes a client's `data` (its JSON text); `Ok` once the broker accepted it.
-    pub async fn publish(&self, channel: &str, data: &str) -> Result<(), BrokerError> {
+    /// Publishes a client's `data` (its JSON text); `Ok` once the broker accepted it, with the
+    /// message's offset when history is on.
+    pub async fn publish(&self, channel: &str, data: &str) -> Result<Option<u64>, BrokerError> {
         if !self.broker.is_up() {
             return Err(BrokerError::Down);
         }
         let started = Instant::now();
-        self.broker
-            .publish(channel, Bytes::copy_from_slice(data.as_bytes()))
-            .await?;
+        let payload = Bytes::copy_from_slice(data.as_bytes());
+        let offset = match &self.history {
+            None => {
+                self.broker.publish(channel, payload).await?;
+                None
+            }
+            Some(history) => {
+                let offset = history.publish(channel, payload).await?;
+                self.metrics.history_appends.inc();
+                Some(offset)
+            }
+        };
         self.metrics
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
         self.metrics.messages_published.inc();
-        Ok(())
+        Ok(offset)
     }
 
     /// The exact member count of `channel` on every node, with at most

@@ -62,6 +62,13 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         /// Also receive the channel's join/leave events.
         presence_events: bool,
+        /// Recovery: the last position the client saw.
+        since: Option<Since<'a>>,
+    },
+    History {
+        channel: Cow<'a, str>,
+        /// `None`: the history size.
+        limit: Option<u64>,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -79,6 +86,13 @@ pub enum Command<'a> {
     Refresh {
         token: Cow<'a, str>,
     },
+}
+
+/// `"since":{"epoch":"..","offset":N}` of a subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    pub epoch: Cow<'a, str>,
+    pub offset: u64,
 }
 
 /// A request answered with an error reply.
@@ -121,6 +135,19 @@ struct RawRequest<'a> {
     presence_events: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     count_only: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    limit: Option<&'a RawValue>,
+}
+
+/// The object form of `since`; fields raw for precise errors.
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    offset: Option<&'a RawValue>,
 }
 
 /// A present field, even `null` (serde would read `null` into `None`, losing `"data": null`).
@@ -170,13 +197,33 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         Some(_) => Err(bad(message)),
     };
     let command = match kind.as_ref() {
-        "subscribe" => Command::Subscribe {
-            channel: channel()?,
-            presence_events: flag(
+        "subscribe" => {
+            let channel = channel()?;
+            let since = match raw.since.filter(|v| v.get() != "null") {
+                None => None,
+                Some(value) => Some(parse_since(value).map_err(bad)?),
+            };
+            let presence_events = flag(
                 raw.presence_events,
                 "field `presence_events` must be a boolean",
-            )?,
-        },
+            )?;
+            Command::Subscribe {
+                channel,
+                since,
+                presence_events,
+            }
+        }
+        "history" => {
+            let channel = channel()?;
+            let limit = match raw.limit.filter(|v| v.get() != "null") {
+                None => None,
+                Some(value) => Some(
+                    serde_json::from_str::<u64>(value.get())
+                        .map_err(|_| bad("field `limit` must be a non-negative integer"))?,
+                ),
+            };
+            Command::History { channel, limit }
+        }
         "unsubscribe" => Command::Unsubscribe {
             channel: channel()?,
         },
@@ -204,6 +251,22 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection<'_>> {
         }
     };
     Ok(Request { id, command })
+}
+
+/// `since`: an object with a string `epoch` and a non-negative integer `offset`.
+fn parse_since(value: &RawValue) -> Result<Since<'_>, &'static str> {
+    const SHAPE: &str =
+        "field `since` must be an object {\"epoch\": string, \"offset\": non-negative integer}";
+    if !value.get().trim_start().starts_with('{') {
+        return Err(SHAPE);
+    }
+    let raw: RawSince = serde_json::from_str(value.get()).map_err(|_| SHAPE)?;
+    let epoch = raw.epoch.and_then(json_str).ok_or(SHAPE)?;
+    let offset = raw
+        .offset
+        .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        .ok_or(SHAPE)?;
+    Ok(Since { epoch, offset })
 }
 
 /// A JSON string value, borrowed when it has no escapes.
@@ -262,6 +325,74 @@ pub fn encode_delivery(channel: &str, payload: &[u8]) -> Bytes {
     })
 }
 
+/// [`encode_delivery`] of a positioned message: the same object with `"offset":N` last.
+pub fn encode_delivery_at(channel: &str, payload: &[u8], offset: u64) -> Bytes {
+    frame::text(
+        DELIVERY_OVERHEAD + OFFSET_OVERHEAD + channel.len() + payload.len(),
+        |out| {
+            write_delivery(out, channel, payload);
+            out.pop();
+            write_offset(out, offset);
+            out.push(b'}');
+        },
+    )
+}
+
+/// `,"offset":` plus at most 20 digits.
+const OFFSET_OVERHEAD: usize = 30;
+
+fn write_offset(out: &mut Vec<u8>, offset: u64) {
+    out.extend_from_slice(br#","offset":"#);
+    let mut digits = [0u8; 20];
+    let mut n = offset;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// One `history` reply: `{"type":"history","channel":..,"id":..,"epoch":..,"offset":N,
+/// "messages":[{"offset":..,"data":..}, ...]}`; `data` as in a delivery.
+pub fn encode_history(
+    channel: &str,
+    id: Option<&RawValue>,
+    epoch: &str,
+    offset: u64,
+    messages: &[(u64, Bytes)],
+) -> Bytes {
+    let size: usize = messages.iter().map(|(_, m)| m.len() + 40).sum();
+    frame::text(128 + channel.len() + epoch.len() + size, |out| {
+        out.extend_from_slice(br#"{"type":"history","channel":""#);
+        out.extend_from_slice(channel.as_bytes());
+        out.push(b'"');
+        if let Some(id) = id {
+            out.extend_from_slice(br#","id":"#);
+            out.extend_from_slice(id.get().as_bytes());
+        }
+        out.extend_from_slice(br#","epoch":"#);
+        let _ = serde_json::to_writer(&mut *out, epoch);
+        write_offset(out, offset);
+        out.extend_from_slice(br#","messages":["#);
+        for (i, (offset, payload)) in messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"offset":"#);
+            out.extend_from_slice(offset.to_string().as_bytes());
+            out.extend_from_slice(br#","data":"#);
+            write_data(out, payload);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+    })
+}
+
 const DELIVERY_HEAD: &[u8] = br#"{"type":"message","channel":""#;
 const DELIVERY_MID: &[u8] = br#"","data":"#;
 const DELIVERY_OVERHEAD: usize = DELIVERY_HEAD.len() + DELIVERY_MID.len() + 3;
@@ -270,6 +401,12 @@ fn write_delivery(out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
     out.extend_from_slice(DELIVERY_HEAD);
     out.extend_from_slice(channel.as_bytes());
     out.extend_from_slice(DELIVERY_MID);
+    write_data(out, payload);
+    out.push(b'}');
+}
+
+/// A payload as the `data` value: valid JSON as is, anything else as a JSON string.
+fn write_data(out: &mut Vec<u8>, payload: &[u8]) {
     if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
         out.extend_from_slice(payload);
     } else {
@@ -277,7 +414,6 @@ fn write_delivery(out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, text.as_ref());
     }
-    out.push(b'}');
 }
 
 /// Server-to-client messages other than deliveries.
@@ -293,6 +429,14 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// History on: the channel's epoch and newest offset.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Only for a subscribe with `since`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Unsubscribed {
         channel: &'a str,
@@ -306,6 +450,9 @@ pub enum Reply<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
+        /// History on: the offset the message got.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     Presence {
         channel: &'a str,
@@ -377,7 +524,10 @@ mod tests {
     fn parses_every_command() {
         let r = parse_request(r#"{"type":"subscribe","channel":"news","id":1}"#).unwrap();
         assert_eq!(r.id.unwrap().get(), "1");
-        assert!(matches!(r.command, Command::Subscribe { channel, .. } if channel == "news"));
+        assert!(matches!(
+            r.command,
+            Command::Subscribe { channel, since: None, .. } if channel == "news"
+        ));
         let r = parse_request(r#"{"type":"unsubscribe","channel":"a/b"}"#).unwrap();
         assert!(r.id.is_none());
         assert!(matches!(r.command, Command::Unsubscribe { .. }));
@@ -449,9 +599,72 @@ mod tests {
     }
 
     #[test]
+    fn since_and_limit_are_parsed_strictly() {
+        let r = parse_request(
+            r#"{"type":"subscribe","channel":"c","since":{"epoch":"e1","offset":17}}"#,
+        )
+        .unwrap();
+        match r.command {
+            Command::Subscribe { since: Some(s), .. } => {
+                assert_eq!((&*s.epoch, s.offset), ("e1", 17))
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = parse_request(r#"{"type":"subscribe","channel":"c","since":null}"#).unwrap();
+        assert!(matches!(r.command, Command::Subscribe { since: None, .. }));
+        for bad in [
+            r#""since":1"#,
+            r#""since":[]"#,
+            r#""since":{}"#,
+            r#""since":{"epoch":"e"}"#,
+            r#""since":{"offset":1}"#,
+            r#""since":{"epoch":2,"offset":1}"#,
+            r#""since":{"epoch":"e","offset":-1}"#,
+            r#""since":{"epoch":"e","offset":1.5}"#,
+            r#""since":{"epoch":"e","offset":"1"}"#,
+            r#""since":{"epoch":"e","offset":18446744073709551616}"#,
+        ] {
+            let text = format!(r#"{{"type":"subscribe","channel":"c","id":3,{bad}}}"#);
+            assert_eq!(
+                reject(&text),
+                (ErrorCode::BadRequest, Some("3".into())),
+                "{bad}"
+            );
+        }
+        let r = parse_request(r#"{"type":"history","channel":"c","limit":5}"#).unwrap();
+        assert!(matches!(r.command, Command::History { limit: Some(5), .. }));
+        let r = parse_request(r#"{"type":"history","channel":"c"}"#).unwrap();
+        assert!(matches!(r.command, Command::History { limit: None, .. }));
+        for bad in [r#"-1"#, r#""5""#, "2.5", "{}"] {
+            let text = format!(r#"{{"type":"history","channel":"c","limit":{bad}}}"#);
+            assert_eq!(reject(&text).0, ErrorCode::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn positioned_deliveries_end_with_the_offset() {
+        let f = encode_delivery_at("news", br#"{"x":1}"#, 18);
+        assert_eq!(
+            json(&f),
+            json!({"type":"message","channel":"news","data":{"x":1},"offset":18})
+        );
+        let f = encode_delivery_at("n", b"hi", u64::MAX);
+        assert_eq!(json(&f)["offset"], json!(u64::MAX));
+        let f = encode_history("n", None, "e", 2, &[(2, Bytes::from_static(b"raw"))]);
+        assert_eq!(
+            json(&f),
+            json!({"type":"history","channel":"n","epoch":"e","offset":2,
+                   "messages":[{"offset":2,"data":"raw"}]})
+        );
+    }
+
+    #[test]
     fn escaped_strings_are_understood() {
         let r = parse_request(r#"{"type":"sub\u0073cribe","channel":"n\u0065ws"}"#).unwrap();
-        assert!(matches!(r.command, Command::Subscribe { channel, .. } if channel == "news"));
+        assert!(matches!(
+            r.command,
+            Command::Subscribe { channel, since: None, .. } if channel == "news"
+        ));
     }
 
     #[test]
@@ -566,6 +779,9 @@ mod tests {
         let r = Reply::Subscribed {
             channel: "n",
             id: None,
+            epoch: None,
+            offset: None,
+            recovered: None,
         };
         let frame = r.encode();
         assert_eq!(&frame[2..], br#"{"type":"subscribed","channel":"n"}"#);

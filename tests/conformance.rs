@@ -46,7 +46,12 @@ struct Collector {
 }
 
 impl MessageSink for Collector {
-    fn deliver(&self, channel: &str, payload: &[u8]) {
+    fn deliver(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        _position: Option<pubgate::history::Position<'_>>,
+    ) {
         let mut messages = self.messages.lock().unwrap();
         messages.push((channel.to_owned(), payload.to_vec()));
         // Under the lock, so concurrent deliveries never publish a count that goes backwards.
@@ -171,6 +176,7 @@ async fn start_redis_broker_unchecked(
         node_id: format!("conf-{:08x}", rand_u32()),
         probe_interval: PROBE_INTERVAL,
         timeout: REDIS_TIMEOUT,
+        positioned: false,
     };
     let broker =
         RedisBroker::start(options, commands, sink.clone(), metrics).expect("broker starts");

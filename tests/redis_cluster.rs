@@ -518,3 +518,70 @@ async fn silent_shard_is_found_within_two_probe_intervals() {
         .unwrap();
     assert_eq!(sub.recv().await["data"]["n"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_on_every_master_with_offsets_and_fcall() {
+    let cluster = RedisCluster::start().await;
+    let prefix = format!("t{:08x}:", rand_u32());
+    let history = |c: &RedisCluster| Config {
+        history_size: 50,
+        ..node_config(c, &prefix)
+    };
+    let a = start_node(history(&cluster)).await;
+    let b = start_node(history(&cluster)).await;
+    wait_status(a.addr, 200, Duration::from_secs(15)).await;
+    wait_status(b.addr, 200, Duration::from_secs(15)).await;
+    let by_master = channels_on_every_master(&cluster, &prefix, 1).await;
+    let mut sub = login(&a, "sub").await;
+    let mut publisher = login(&b, "pub").await;
+    let mut backend = cluster.connection().await;
+    for ch in by_master.values().flatten() {
+        let reply = sub
+            .request(json!({"type":"subscribe","channel":ch,"id":"s"}))
+            .await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["offset"], 0, "{reply}");
+        // Client publishes go through the function library on the channel's master (SPUBLISH
+        // inside it): offsets 1 and 2 arrive live on the other node.
+        for n in 1..=2u64 {
+            try_publish(&mut publisher, ch, json!({"n": n}))
+                .await
+                .unwrap();
+            let msg = sub.recv().await;
+            assert_eq!(msg["data"]["n"], n, "{msg}");
+            assert_eq!(msg["offset"], n, "{msg}");
+        }
+        // A backend's FCALL on the cluster (routed by the key's slot) gives offset 3; retried
+        // while the library is being loaded on every master.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let offset: u64 = loop {
+            let r: ::redis::RedisResult<u64> = ::redis::cmd("FCALL")
+                .arg("pubgate_publish")
+                .arg(1)
+                .arg(format!("{prefix}{ch}"))
+                .arg(r#"{"n":3}"#)
+                .query_async(&mut backend)
+                .await;
+            match r {
+                Ok(o) => break o,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "FCALL on {ch}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert_eq!(offset, 3);
+        assert_eq!(sub.recv().await["offset"], 3);
+        let reply = publisher
+            .request(json!({"type":"history","channel":ch,"limit":10,"id":"h"}))
+            .await;
+        assert_eq!(reply["type"], "history", "{reply}");
+        let offsets: Vec<u64> = reply["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3], "{ch}: {reply}");
+    }
+}

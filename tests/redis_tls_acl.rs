@@ -120,6 +120,8 @@ fn config(url: String, ca: Option<&Path>) -> Config {
         // The ACL line covers the default prefix only.
         channel_prefix: "pubgate:".into(),
         jwt_secret: Some(common::tokens::SECRET.into()),
+        // History on, so the ACL line is exercised by the function library too.
+        history_size: 10,
         ..test_config()
     }
 }
@@ -153,18 +155,30 @@ async fn tls_with_a_private_ca_and_the_documented_acl_user() {
 
     let mut alice = login(&a.ws_url(), "alice").await;
     let mut bob = login(&b.ws_url(), "bob").await;
-    alice.subscribe("news").await;
-    bob.publish("news", json!({"n": 1})).await;
-    assert_eq!(
-        alice.recv().await,
-        json!({"type":"message","channel":"news","data":{"n":1}})
-    );
+    let reply = alice
+        .request(json!({"type":"subscribe","channel":"news","id":"s"}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let reply = bob
+        .request(json!({"type":"publish","channel":"news","data":{"n":1},"id":"p"}))
+        .await;
+    assert_eq!(reply["offset"], 1, "{reply}");
+    let msg = alice.recv().await;
+    assert_eq!(msg["data"], json!({"n": 1}), "{msg}");
+    assert_eq!(msg["offset"], 1, "through the history function: {msg}");
+    let reply = bob
+        .request(json!({"type":"history","channel":"news","limit":5,"id":"h"}))
+        .await;
+    assert_eq!(reply["messages"][0]["offset"], 1, "{reply}");
     // Presence scripts run under the ACL user.
     let reply = bob
         .request(json!({"type":"presence","channel":"news","id":"q"}))
         .await;
     assert_eq!(reply["members"][0]["conn_id"], alice.conn_id(), "{reply}");
-    bob.subscribe("news").await;
+    let reply = bob
+        .request(json!({"type":"subscribe","channel":"news","id":"s"}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
     bob.send(json!({"type":"unsubscribe","channel":"news","id":"u"}))
         .await;
     assert_eq!(bob.recv().await["type"], "unsubscribed");

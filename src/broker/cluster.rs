@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::slots::{broker_channel, sharded_name, SlotMap};
 use super::{Broker, MessageSink};
 use crate::error::BrokerError;
+use crate::history::parse_positioned;
 use crate::metrics::Metrics;
 use crate::redis_commands::RedisCommands;
 
@@ -61,6 +62,8 @@ pub struct ClusterBrokerOptions {
     pub probe_interval: Duration,
     /// Upper bound for one Redis call.
     pub timeout: Duration,
+    /// History is on: payloads may carry a position header (see [`crate::history`]).
+    pub positioned: bool,
 }
 
 /// Broker over Redis Cluster sharded pub/sub.
@@ -326,6 +329,7 @@ struct PushRouter {
     prefix: String,
     probe_prefix: String,
     sink: Arc<dyn MessageSink>,
+    positioned: bool,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -350,7 +354,12 @@ impl AsyncPushSender for PushRouter {
                     .ok()
                     .and_then(|name| broker_channel(&self.prefix, name))
                 {
-                    self.sink.deliver(&channel, payload);
+                    if self.positioned {
+                        let (position, payload) = parse_positioned(payload);
+                        self.sink.deliver(&channel, payload, position);
+                    } else {
+                        self.sink.deliver(&channel, payload, None);
+                    }
                 }
             }
             PushKind::SUnsubscribe => {
@@ -409,6 +418,7 @@ async fn serve_shard(shared: &Arc<Shared>, shard: &Arc<Shard>, failures: &mut u3
         prefix: shared.options.prefix.clone(),
         probe_prefix,
         sink: shared.sink.clone(),
+        positioned: shared.options.positioned,
         events: events_tx,
     };
     let Some((host, port)) = shard

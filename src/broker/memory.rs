@@ -47,7 +47,7 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BrokerError> {
         if self.channels().contains(channel) {
-            self.sink.deliver(channel, &payload);
+            self.sink.deliver(channel, &payload, None);
         }
         Ok(())
     }

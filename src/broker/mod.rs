@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BrokerError;
+use crate::history::Position;
 
 pub use self::cluster::{ClusterBroker, ClusterBrokerOptions};
 pub use self::memory::MemoryBroker;
@@ -23,8 +24,10 @@ pub use self::redis::{RedisBroker, RedisBrokerOptions};
 /// Receives every message a broker delivers to this node.
 pub trait MessageSink: Send + Sync + 'static {
     /// Called once per message, in the order the broker received them; must not block.
-    /// `payload` is the raw published bytes (the JSON text for client publishes).
-    fn deliver(&self, channel: &str, payload: &[u8]);
+    /// `payload` is the raw published bytes (the JSON text for client publishes); `position` is
+    /// the message's place in the channel's history (history on, published through it), `None`
+    /// for a raw publish and always with history off.
+    fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>);
 }
 
 /// Moves messages between nodes.

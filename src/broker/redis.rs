@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Broker, MessageSink};
 use crate::error::BrokerError;
+use crate::history::parse_positioned;
 use crate::metrics::Metrics;
 use crate::redis_commands::RedisCommands;
 
@@ -48,6 +49,9 @@ pub struct RedisBrokerOptions {
     pub probe_interval: Duration,
     /// Upper bound for one Redis call.
     pub timeout: Duration,
+    /// History is on: payloads may carry a position header (see [`crate::history`]). Off, every
+    /// payload is raw, as in v1.
+    pub positioned: bool,
 }
 
 /// Broker over Redis pub/sub.
@@ -242,7 +246,13 @@ async fn serve_connection(shared: &Arc<Shared>, was_up: &mut bool, failures: &mu
                         }
                     }
                 } else if let Some(name) = channel.strip_prefix(shared.options.prefix.as_str()) {
-                    shared.sink.deliver(name, msg.get_payload_bytes());
+                    let payload = msg.get_payload_bytes();
+                    if shared.options.positioned {
+                        let (position, payload) = parse_positioned(payload);
+                        shared.sink.deliver(name, payload, position);
+                    } else {
+                        shared.sink.deliver(name, payload, None);
+                    }
                 }
             }
             _ = probe.tick() => {

@@ -3,6 +3,7 @@
 //! A command gets the connection's [`Session`] and returns the reply to send, or a
 //! [`Rejection`] that becomes an `error` reply; neither ends the connection.
 
+mod history;
 mod presence;
 mod publish;
 mod refresh;
@@ -67,8 +68,12 @@ impl Session {
                 match request.command {
                     Command::Subscribe {
                         channel,
+                        since,
                         presence_events,
-                    } => subscribe::apply(self, id, &channel, presence_events).await,
+                    } => subscribe::apply(self, id, &channel, since, presence_events).await,
+                    Command::History { channel, limit } => {
+                        history::apply(self, id, &channel, limit).await
+                    }
                     Command::Unsubscribe { channel } => {
                         unsubscribe::apply(self, id, &channel).await
                     }
@@ -117,6 +122,13 @@ impl Session {
             .with_label_values(&[rejection.code.as_str()])
             .inc();
         Reply::from(rejection).encode()
+    }
+
+    /// Stops the presence events of `channel` if the connection watched them.
+    async fn unwatch_presence(&mut self, channel: &str) {
+        if self.watched.remove(channel) {
+            self.node.unwatch_presence(&self.outbox, channel).await;
+        }
     }
 
     /// Leaves every channel; called once when the connection has closed.

@@ -15,10 +15,15 @@ pub async fn apply<'a>(
     if !session.permissions.can_publish(channel) {
         return Err(forbidden(id, "publish to", channel));
     }
-    session
+    let offset = session
         .node
         .publish(channel, data.get())
         .await
         .map_err(|e| unavailable(id, "publish", &e))?;
-    Ok(Reply::Published { channel, id }.encode())
+    Ok(Reply::Published {
+        channel,
+        id,
+        offset,
+    }
+    .encode())
 }

@@ -194,7 +194,10 @@ async fn limited(
             session.rate_limited(text)
         }
     };
-    session.outbox.push(reply).await;
+    // Empty: the command queued its replies itself (a subscribe with history).
+    if !reply.is_empty() {
+        session.outbox.push(reply).await;
+    }
     None
 }
 

@@ -160,6 +160,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub ping_interval: Option<String>,
 
+    /// History on: PUBGATE_HISTORY_SIZE of spawned nodes, and Redis publishing goes through
+    /// `FCALL pubgate_publish` (positioned, kept) instead of `PUBLISH`. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub history_size: usize,
+
     /// Extra environment of spawned nodes, KEY=VALUE (repeatable).
     #[arg(long)]
     pub node_env: Vec<String>,

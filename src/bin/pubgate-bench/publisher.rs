@@ -40,6 +40,8 @@ pub enum Publisher {
     Redis {
         conn: redis::aio::MultiplexedConnection,
         prefix: String,
+        /// History on: `FCALL pubgate_publish` instead of `PUBLISH`.
+        fcall: bool,
     },
     Ws {
         conns: Vec<WsWrite>,
@@ -51,7 +53,7 @@ pub enum Publisher {
 }
 
 impl Publisher {
-    pub async fn redis(url: &str, prefix: &str) -> Result<Publisher, String> {
+    pub async fn redis(url: &str, prefix: &str, fcall: bool) -> Result<Publisher, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
@@ -63,6 +65,7 @@ impl Publisher {
         Ok(Publisher::Redis {
             conn,
             prefix: prefix.to_string(),
+            fcall,
         })
     }
 
@@ -148,15 +151,26 @@ impl Publisher {
             let burst = due.min(MAX_BURST);
             if burst > 0 {
                 match self {
-                    Publisher::Redis { conn, prefix } => {
+                    Publisher::Redis {
+                        conn,
+                        prefix,
+                        fcall,
+                    } => {
                         let mut pipe = redis::pipe();
                         for _ in 0..burst {
                             let c = (seq as usize) % channels;
                             stamp(&mut data, seq, payload_size);
-                            pipe.cmd("PUBLISH")
-                                .arg(format!("{prefix}{}", names[c]))
-                                .arg(data.as_bytes())
-                                .ignore();
+                            let key = format!("{prefix}{}", names[c]);
+                            if *fcall {
+                                pipe.cmd("FCALL")
+                                    .arg("pubgate_publish")
+                                    .arg(1)
+                                    .arg(key)
+                                    .arg(data.as_bytes())
+                                    .ignore();
+                            } else {
+                                pipe.cmd("PUBLISH").arg(key).arg(data.as_bytes()).ignore();
+                            }
                             out.per_channel[c] += 1;
                             seq += 1;
                         }

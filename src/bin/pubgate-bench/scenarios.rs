@@ -227,7 +227,7 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
     } else {
         None
     };
-    let opts = NodeOptions {
+    let mut opts = NodeOptions {
         bin: spawn::pubgate_bin(args.pubgate_bin.as_deref()),
         redis_url: redis.as_ref().map(Redis::url),
         send_queue: plan.send_queue(),
@@ -242,6 +242,10 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
             })
             .collect::<Result<_, _>>()?,
     };
+    if args.history_size > 0 {
+        opts.extra_env
+            .push(("PUBGATE_HISTORY_SIZE".into(), args.history_size.to_string()));
+    }
     if !opts.bin.exists() {
         return Err(format!(
             "{} not found: run `cargo build --release` or pass --pubgate-bin",
@@ -353,7 +357,7 @@ async fn measure(
                 return Err("--publish-via redis needs --redis-url or --nodes > 1".into())
             }
             (_, PublishVia::Redis | PublishVia::Auto, Some(url)) => {
-                Publisher::redis(url, &args.channel_prefix).await?
+                Publisher::redis(url, &args.channel_prefix, args.history_size > 0).await?
             }
             _ => Publisher::ws(&servers.urls, args.publishers, false).await?,
         };

@@ -1,0 +1,196 @@
+//! The recovery gate of one new subscription (history on): no gap, no duplicate.
+//!
+//! The subscription is registered in the hub *before* the history is read, so every message
+//! published after the read reaches it; until the subscribe has queued `subscribed` and its
+//! replay, the gate holds that connection's live deliveries (bounded: a connection that would
+//! hold more than its send queue is a slow consumer). [`Gate::go_live`] then flushes the held
+//! messages newer than the last offset sent and drops the others, and keeps dropping late
+//! duplicates (a message the read already returned may still be on its way through pub/sub)
+//! until the first newer positioned message passes; from then on the gate is a single atomic
+//! load per delivery. Unpositioned (raw PUBLISH) messages always pass, in order.
+//! Only the subscribing connection pays for this; other subscribers' fan-out is unchanged.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::conn::{CloseReason, Outbox, Push};
+use crate::history::Position;
+
+/// Holds, then filters, one subscription's live deliveries.
+#[derive(Debug)]
+pub struct Gate {
+    /// Set once filtering can no longer drop anything: deliveries skip the lock.
+    open: AtomicBool,
+    /// Why a mutex: fan-out (any broker reader) and the subscribing task both touch the state,
+    /// briefly; only this connection's deliveries take it.
+    state: Mutex<State>,
+}
+
+/// A held frame and its position (offset, epoch), if any.
+type Held = (Option<(u64, Box<str>)>, Bytes);
+
+#[derive(Debug)]
+enum State {
+    /// Before `go_live`: frames held in arrival order with their position.
+    Holding { held: Vec<Held>, limit: usize },
+    /// After `go_live`: drop positioned messages of `epoch` up to `last`.
+    Live { epoch: Box<str>, last: u64 },
+}
+
+impl Gate {
+    /// A gate holding at most `limit` messages.
+    pub fn new(limit: usize) -> Self {
+        Gate {
+            open: AtomicBool::new(false),
+            state: Mutex::new(State::Holding {
+                held: Vec::new(),
+                limit,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One live delivery for this subscription. A dropped duplicate counts as `Closed` (not
+    /// delivered, not a drop).
+    pub fn pass(&self, outbox: &Outbox, frame: &Bytes, position: Option<Position<'_>>) -> Push {
+        if self.open.load(Ordering::Acquire) {
+            return outbox.try_push(frame.clone());
+        }
+        let mut state = self.lock();
+        match &mut *state {
+            State::Holding { held, limit } => {
+                if held.len() >= *limit {
+                    outbox.close(CloseReason::SlowConsumer);
+                    return Push::Full;
+                }
+                let position = position.map(|p| (p.offset, Box::from(p.epoch)));
+                held.push((position, frame.clone()));
+                Push::Queued
+            }
+            State::Live { epoch, last } => match position {
+                Some(p) if p.epoch == &**epoch && p.offset <= *last => Push::Closed,
+                Some(p) => {
+                    if p.epoch == &**epoch {
+                        self.open.store(true, Ordering::Release);
+                    }
+                    outbox.try_push(frame.clone())
+                }
+                None => outbox.try_push(frame.clone()),
+            },
+        }
+    }
+
+    /// Called once `subscribed` (and the replay up to `last`) is queued: queues the held
+    /// messages newer than (`epoch`, `last`) and switches to filtering live deliveries.
+    pub fn go_live(&self, outbox: &Outbox, epoch: &str, last: u64) {
+        let mut state = self.lock();
+        let held = match std::mem::replace(
+            &mut *state,
+            State::Live {
+                epoch: epoch.into(),
+                last,
+            },
+        ) {
+            State::Holding { held, .. } => held,
+            State::Live { .. } => Vec::new(),
+        };
+        let mut newer = false;
+        for (position, frame) in held {
+            match position {
+                Some((offset, e)) if *e == *epoch && offset <= last => {}
+                Some((_, e)) => {
+                    newer |= *e == *epoch;
+                    outbox.try_push(frame);
+                }
+                None => {
+                    outbox.try_push(frame);
+                }
+            }
+        }
+        if newer || last == 0 {
+            self.open.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::Member;
+
+    fn outbox() -> Outbox {
+        let member = Member {
+            conn_id: "c".into(),
+            node: "n".into(),
+            user: None,
+            info: None,
+        };
+        Outbox::new(1, member, 100)
+    }
+
+    fn at(offset: u64) -> Option<Position<'static>> {
+        Some(Position { offset, epoch: "e" })
+    }
+
+    fn queued(o: &Outbox) -> Vec<Bytes> {
+        let mut q = std::collections::VecDeque::new();
+        o.take(&mut q);
+        q.into_iter().collect()
+    }
+
+    #[test]
+    fn held_messages_merge_by_offset_and_late_duplicates_are_dropped() {
+        let o = outbox();
+        let gate = Gate::new(10);
+        let f = |n: u8| Bytes::from(vec![n]);
+        gate.pass(&o, &f(4), at(4));
+        gate.pass(&o, &f(0), None);
+        gate.pass(&o, &f(5), at(5));
+        gate.pass(&o, &f(6), at(6));
+        assert!(queued(&o).is_empty(), "held until live");
+        // The read returned up to 5 (4 and 5 were replayed).
+        gate.go_live(&o, "e", 5);
+        assert_eq!(queued(&o), vec![f(0), f(6)]);
+        // Now open: everything passes.
+        gate.pass(&o, &f(7), at(7));
+        assert_eq!(queued(&o), vec![f(7)]);
+    }
+
+    #[test]
+    fn a_duplicate_arriving_after_going_live_is_dropped() {
+        let o = outbox();
+        let gate = Gate::new(10);
+        gate.go_live(&o, "e", 3);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(gate.pass(&o, &f, at(3)), Push::Closed);
+        assert_eq!(
+            gate.pass(
+                &o,
+                &f,
+                Some(Position {
+                    offset: 1,
+                    epoch: "f"
+                })
+            ),
+            Push::Queued
+        );
+        assert_eq!(gate.pass(&o, &f, at(4)), Push::Queued);
+        assert_eq!(queued(&o).len(), 2);
+    }
+
+    #[test]
+    fn holding_more_than_the_limit_is_a_slow_consumer() {
+        let o = outbox();
+        let gate = Gate::new(2);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(gate.pass(&o, &f, at(1)), Push::Queued);
+        assert_eq!(gate.pass(&o, &f, at(2)), Push::Queued);
+        assert_eq!(gate.pass(&o, &f, at(3)), Push::Full);
+        assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+    }
+}
