@@ -97,6 +97,7 @@ mod tests {
     use super::*;
     use crate::conn::Outbox;
     use crate::metrics::Metrics;
+    use crate::conn::Budget;
     use crate::presence::Member;
 
     fn outbox(key: u64, user: &str) -> Arc<Outbox> {
@@ -105,7 +106,14 @@ mod tests {
             node: "n".into(),
             user: Some(user.into()),
         };
-        Arc::new(Outbox::new(key, member, 1))
+        Arc::new(Outbox::new(
+            key,
+            member,
+            Budget {
+                frames: 1,
+                bytes: 1 << 20,
+            },
+        ))
     }
 
     #[test]

@@ -228,7 +228,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         node: node.id.clone(),
         user: Some(USER.into()),
     };
-    let outbox = Arc::new(Outbox::new(key, member, node.limits.send_queue));
+    let outbox = Arc::new(Outbox::new(key, member, node.limits.budget()));
     let patterns = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     let identity = Identity {
         user: Some(USER.into()),

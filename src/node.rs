@@ -37,6 +37,8 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_subscriptions: usize,
     pub send_queue: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    pub send_buffer: usize,
     /// Client messages per second per connection; 0 = unlimited.
     pub rate_limit: u32,
     /// Token bucket capacity of the rate limit.
@@ -45,6 +47,16 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time to send request headers (and finish a TLS handshake).
     pub handshake_timeout: Duration,
+}
+
+impl Limits {
+    /// One connection's send budget.
+    pub fn budget(&self) -> crate::conn::Budget {
+        crate::conn::Budget {
+            frames: self.send_queue,
+            bytes: self.send_buffer,
+        }
+    }
 }
 
 /// Shared state of one node; connections hold it as `Arc<Node>`.
@@ -117,6 +129,7 @@ impl Node {
                 max_message_size: config.max_message_size,
                 max_subscriptions: config.max_subscriptions,
                 send_queue: config.send_queue,
+                send_buffer: config.send_buffer,
                 rate_limit: config.rate_limit,
                 rate_burst: config.rate_burst,
                 max_connections: config.max_connections,

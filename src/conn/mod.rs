@@ -13,7 +13,7 @@ mod rate;
 pub(crate) mod reader;
 mod writer;
 
-pub use outbox::{CloseReason, Outbox, Push};
+pub use outbox::{Budget, CloseReason, Outbox, Push};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,7 +93,7 @@ async fn serve_inner(
         node: node.id.clone(),
         user: identity.user.clone(),
     };
-    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.send_queue));
+    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.budget()));
     node.drain.register(&outbox);
     metrics.connections.inc();
     metrics.connections_total.inc();

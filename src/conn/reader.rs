@@ -93,12 +93,11 @@ pub async fn run<R: AsyncRead + Unpin>(
             continue;
         }
         let fail = match frame.opcode {
-            // The library has already refused a Ping over 125 bytes. A client that floods pings
-            // without reading waits here for room in its queue.
+            // The library has already refused a Ping over 125 bytes. Pongs coalesce to the
+            // latest ping (RFC 6455 5.5.3): a ping flood against a closed window holds one pong,
+            // and the writer's stall deadline ends it.
             OpCode::Ping => {
-                if !outbox.push(frame::pong(&frame.payload)).await {
-                    break;
-                }
+                outbox.pong(frame::pong(&frame.payload));
                 None
             }
             OpCode::Pong if frame.payload.len() > 125 => Some(CloseReason::Protocol),
