@@ -303,6 +303,7 @@ async fn drain(outbox: &Outbox, reader_done: &CancellationToken, frames: &mut Ve
     let mut batch = VecDeque::new();
     loop {
         outbox.take(&mut batch);
+        outbox.sent(batch.iter().map(Bytes::len).sum());
         frames.extend(batch.drain(..));
         if reader_done.is_cancelled() {
             return;

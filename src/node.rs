@@ -67,7 +67,8 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<dyn Presence>,
     pub metrics: Arc<Metrics>,
-    pub drain: Drain,
+    /// Shared with the metrics' queued-bytes gauge, which sums the registered connections.
+    pub drain: Arc<Drain>,
     /// Token verification, or anonymous mode.
     pub auth: Auth,
     /// `Origin` allowlist; `None` allows any origin.
@@ -91,7 +92,10 @@ impl Node {
         let auth = Auth::from_config(config)?;
         let origins = AllowedOrigins::parse(config.allowed_origins.as_deref())?;
         let metrics = Arc::new(Metrics::new()?);
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::with_max_payload(
+            metrics.clone(),
+            config.max_message_size,
+        ));
         let users = Arc::new(Users::default());
         let sink: Arc<dyn MessageSink> = Arc::new(Router {
             hub: hub.clone(),
@@ -121,6 +125,11 @@ impl Node {
             }
         };
         metrics.broker_up.set(broker.is_up() as i64);
+        let drain = Arc::new(Drain::default());
+        metrics.register_queued_bytes({
+            let drain = drain.clone();
+            move || drain.queued_bytes()
+        })?;
         let node = Arc::new(Node {
             id,
             limits: Limits {
@@ -139,7 +148,7 @@ impl Node {
             broker,
             presence,
             metrics,
-            drain: Drain::default(),
+            drain,
             auth,
             origins,
             users,

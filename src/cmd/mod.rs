@@ -128,16 +128,27 @@ fn forbidden<'a>(id: Option<&'a RawValue>, what: &str, channel: &str) -> Rejecti
     )
 }
 
-/// The `unavailable` rejection for a broker or presence failure.
-fn unavailable<'a>(
+/// The rejection for a broker or presence failure: `timeout` when the call timed out (its outcome
+/// is unknown: a publish may still be delivered, a SUBSCRIBE may have reached Redis), else
+/// `unavailable` (not accepted, never delivered). Either way the connection's own state is rolled
+/// back: after a failed subscribe it is not subscribed.
+fn broker_failed<'a>(
     id: Option<&'a serde_json::value::RawValue>,
     what: &'static str,
     error: &BrokerError,
 ) -> Rejection<'a> {
     tracing::debug!(error = %error, what, "request failed on the broker");
-    let message = match error {
-        BrokerError::Down => format!("{what} failed: the broker is unavailable"),
-        other => format!("{what} failed: {other}"),
-    };
-    Rejection::new(id, ErrorCode::Unavailable, message)
+    match error {
+        BrokerError::Timeout(after) => Rejection::new(
+            id,
+            ErrorCode::Timeout,
+            format!("{what} timed out after {after:?}: outcome unknown"),
+        ),
+        BrokerError::Down => Rejection::new(
+            id,
+            ErrorCode::Unavailable,
+            format!("{what} failed: the broker is unavailable"),
+        ),
+        other => Rejection::new(id, ErrorCode::Unavailable, format!("{what} failed: {other}")),
+    }
 }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -19,7 +19,7 @@ pub async fn apply<'a>(
         .node
         .presence(channel)
         .await
-        .map_err(|e| unavailable(id, "presence", &e))?;
+        .map_err(|e| broker_failed(id, "presence", &e))?;
     Ok(Reply::Presence {
         channel,
         id,

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::protocol::{ErrorCode, Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -28,7 +28,7 @@ pub async fn apply<'a>(
         session.channels.insert(channel.to_owned());
         if let Err(e) = session.node.subscribe(&session.outbox, channel).await {
             session.channels.remove(channel);
-            return Err(unavailable(id, "subscribe", &e));
+            return Err(broker_failed(id, "subscribe", &e));
         }
     }
     Ok(Reply::Subscribed { channel, id }.encode())
