@@ -114,8 +114,16 @@ pub enum Push {
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
-    /// The pong to the latest client ping not yet taken by the writer.
-    pong: Option<Bytes>,
+    /// The payload of the latest client ping not yet answered: kept in place, so a ping flood
+    /// allocates nothing; the pong frame is built when the writer takes it.
+    pong: Option<PingPayload>,
+}
+
+/// A control frame payload (at most 125 bytes).
+#[derive(Debug)]
+struct PingPayload {
+    len: u8,
+    bytes: [u8; 125],
 }
 
 /// One connection's queue and close switch.
@@ -205,17 +213,25 @@ impl Outbox {
         }
     }
 
-    /// Sets the pong to send, replacing one not yet taken by the writer: a client gets a pong for
-    /// its latest ping, and a ping flood holds one frame. Never waits.
-    pub fn pong(&self, frame: Bytes) {
+    /// Sets the pong to send for a client ping's `payload` (at most 125 bytes, checked by the
+    /// reader), replacing one not yet taken by the writer: a client gets a pong for its latest
+    /// ping, and a ping flood holds one frame and allocates nothing. Never waits.
+    pub fn pong(&self, payload: &[u8]) {
         if self.is_closing() {
             return;
         }
+        let len = payload.len().min(125);
+        let mut ping = PingPayload {
+            len: len as u8,
+            bytes: [0; 125],
+        };
+        ping.bytes[..len].copy_from_slice(&payload[..len]);
         let mut queue = self.lock();
-        self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        // A pong frame is its payload plus a 2-byte header.
+        self.bytes.fetch_add(len + 2, Ordering::Relaxed);
         let wake = queue.frames.is_empty() && queue.pong.is_none();
-        if let Some(old) = queue.pong.replace(frame) {
-            self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
+        if let Some(old) = queue.pong.replace(ping) {
+            self.bytes.fetch_sub(old.len as usize + 2, Ordering::Relaxed);
         }
         drop(queue);
         if wake {
@@ -270,8 +286,8 @@ impl Outbox {
         debug_assert!(into.is_empty());
         let mut queue = self.lock();
         std::mem::swap(&mut queue.frames, into);
-        if let Some(pong) = queue.pong.take() {
-            into.push_front(pong);
+        if let Some(ping) = queue.pong.take() {
+            into.push_front(super::frame::pong(&ping.bytes[..ping.len as usize]));
         }
         drop(queue);
         if !into.is_empty() {
@@ -447,14 +463,14 @@ mod tests {
     async fn pongs_coalesce_to_the_latest() {
         let o = with_budget(100, 1000);
         for i in 0..1000u32 {
-            o.pong(Bytes::from(i.to_string()));
+            o.pong(i.to_string().as_bytes());
         }
-        assert_eq!(o.queued_bytes(), 3);
+        assert_eq!(o.queued_bytes(), 5);
         assert!(within(o.ready()).await.is_some(), "the writer was woken");
         o.try_push(Bytes::from_static(b"m"));
         let mut taken = VecDeque::new();
         o.take(&mut taken);
-        assert_eq!(taken, [&b"999"[..], b"m"]);
+        assert_eq!(taken, [&b"\x8a\x03999"[..], b"m"]);
         o.discard();
         assert_eq!(o.queued_bytes(), 0);
     }
