@@ -333,7 +333,16 @@ mod tests {
         assert_eq!(parse_bytes(" 2 GiB "), Ok(2 << 30));
         assert_eq!(parse_bytes("100B"), Ok(100));
         assert_eq!(parse_bytes("0"), Ok(0));
-        for bad in ["", "MiB", "1.5MiB", "-1", "4MB", "4 kB", "12x", "99999999999999999999GiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "4MB",
+            "4 kB",
+            "12x",
+            "99999999999999999999GiB",
+        ] {
             assert!(parse_bytes(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse_bytes("4MB").unwrap_err().contains("4MiB"));

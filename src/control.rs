@@ -95,9 +95,9 @@ async fn retry(node: Weak<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Budget;
     use crate::conn::Outbox;
     use crate::metrics::Metrics;
-    use crate::conn::Budget;
     use crate::presence::Member;
 
     fn outbox(key: u64, user: &str) -> Arc<Outbox> {

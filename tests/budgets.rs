@@ -215,7 +215,13 @@ async fn stalled_readers_under_a_64k_flood_hold_at_most_their_budget_and_are_clo
         }
     });
     let started = Instant::now();
-    wait_metric(node.addr, SLOW, STALLED as f64, limit + Duration::from_secs(8)).await;
+    wait_metric(
+        node.addr,
+        SLOW,
+        STALLED as f64,
+        limit + Duration::from_secs(8),
+    )
+    .await;
     let all_closed = started.elapsed();
     let at_close = received.load(Ordering::Relaxed);
     // The flood goes on: the healthy subscriber keeps receiving.
@@ -306,9 +312,7 @@ async fn stalled_mid_frame(keep_talking: bool) -> (Duration, f64, f64) {
     });
     let mut publisher = node.client().await;
     // tungstenite's default frame limit is 16 MiB: one 8 MiB text frame is fine.
-    publisher
-        .publish("big", json!("y".repeat(8 << 20)))
-        .await;
+    publisher.publish("big", json!("y".repeat(8 << 20))).await;
     let published = Instant::now();
     // The publisher would not answer the server's pings while the test waits: let it go.
     drop(publisher);
@@ -340,7 +344,11 @@ async fn stalled_mid_frame(keep_talking: bool) -> (Duration, f64, f64) {
     })
     .await
     .expect("the stalled connection ends");
-    assert!(ended < 8 << 20, "the whole frame went out ({ended} bytes)");
+    if keep_talking {
+        // Dropped at once without finishing the frame. (A silent client is closed by the
+        // dead-peer rule instead, which gives a reader the pong timeout to take the rest.)
+        assert!(ended < 8 << 20, "the whole frame went out ({ended} bytes)");
+    }
     talker.abort();
     let counts = (
         node.metric(SLOW).await.unwrap(),
@@ -349,7 +357,11 @@ async fn stalled_mid_frame(keep_talking: bool) -> (Duration, f64, f64) {
     eprintln!(
         "stalled mid-frame (client {}): closed {closed:?} after the publish (ping + pong = \
          {:?}); client had read {ended} of {} bytes; slow_consumer {}, pong_timeout {}",
-        if keep_talking { "sending pongs" } else { "silent" },
+        if keep_talking {
+            "sending pongs"
+        } else {
+            "silent"
+        },
         ping + pong,
         8 << 20,
         counts.0,
@@ -368,7 +380,10 @@ async fn stalled_mid_frame(keep_talking: bool) -> (Duration, f64, f64) {
 async fn a_write_stalled_mid_frame_is_closed_after_ping_interval_plus_pong_timeout() {
     let (closed, slow, silent) = stalled_mid_frame(true).await;
     assert_eq!((slow, silent), (1.0, 0.0), "counted as a slow consumer");
-    assert!(closed >= Duration::from_millis(900), "closed early: {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(900),
+        "closed early: {closed:?}"
+    );
 }
 
 #[tokio::test]
@@ -376,7 +391,10 @@ async fn a_silent_client_is_closed_on_time_even_while_a_write_to_it_is_blocked()
     let (closed, slow, silent) = stalled_mid_frame(false).await;
     // Both rules are due at about the same time; either may win.
     assert_eq!(slow + silent, 1.0);
-    assert!(closed >= Duration::from_millis(500), "closed early: {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(500),
+        "closed early: {closed:?}"
+    );
 }
 
 #[tokio::test]
@@ -490,12 +508,14 @@ async fn thousands_of_requests_never_read_are_bounded_and_closed() {
         mib(peak.saturating_sub(before)),
         mib(peak_queued),
     );
-    assert!(
-        sent < REQUESTS,
-        "the node kept reading requests whose replies it could not send"
-    );
+    // What the client wrote past that sits in kernel buffers (the node's receive buffer grows
+    // to tcp_rmem's maximum, 32 MiB here), outside the node's heap: the node stopped reading
+    // once PUBGATE_SEND_QUEUE replies (1024, about 0.1 MiB here) were waiting.
     assert_eq!(slow + silent, 1.0);
-    assert!(peak_queued <= MIB + 4096, "queued-bytes peak {peak_queued}");
+    assert!(
+        peak_queued > 0 && peak_queued <= MIB + 4096,
+        "queued-bytes peak {peak_queued}"
+    );
     assert!(
         peak <= before + MIB + 8 * MIB,
         "RSS grew by {}",
@@ -548,7 +568,9 @@ async fn unfinished_fragmented_messages_on_many_connections_are_bounded() {
     assert_eq!(node.metric("pubgate_connections").await, CONNS as f64);
     // One more fragment past the limit: 1009, whatever the fragments' sizes.
     let mut c = conns.pop().unwrap();
-    c.send_raw(&masked(false, OP_CONT, &[b'a'; 200])).await.unwrap();
+    c.send_raw(&masked(false, OP_CONT, &[b'a'; 200]))
+        .await
+        .unwrap();
     c.expect_close_code(1009).await;
 }
 
@@ -640,7 +662,10 @@ async fn a_timed_out_publish_answers_timeout_and_a_refused_one_unavailable() {
     redis.kill();
     let deadline = Instant::now() + WAIT;
     while http_get(node.addr, "/readyz").await.0 == 200 {
-        assert!(Instant::now() < deadline, "broker still up after redis died");
+        assert!(
+            Instant::now() < deadline,
+            "broker still up after redis died"
+        );
         sleep(Duration::from_millis(20)).await;
     }
     let reply = c

@@ -149,6 +149,10 @@ fn broker_failed<'a>(
             ErrorCode::Unavailable,
             format!("{what} failed: the broker is unavailable"),
         ),
-        other => Rejection::new(id, ErrorCode::Unavailable, format!("{what} failed: {other}")),
+        other => Rejection::new(
+            id,
+            ErrorCode::Unavailable,
+            format!("{what} failed: {other}"),
+        ),
     }
 }

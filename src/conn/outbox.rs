@@ -231,7 +231,8 @@ impl Outbox {
         self.bytes.fetch_add(len + 2, Ordering::Relaxed);
         let wake = queue.frames.is_empty() && queue.pong.is_none();
         if let Some(old) = queue.pong.replace(ping) {
-            self.bytes.fetch_sub(old.len as usize + 2, Ordering::Relaxed);
+            self.bytes
+                .fetch_sub(old.len as usize + 2, Ordering::Relaxed);
         }
         drop(queue);
         if wake {

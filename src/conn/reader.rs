@@ -12,9 +12,9 @@ use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
-use super::rate::{MessageRate, Verdict};
 #[cfg(feature = "autobahn")]
 use super::frame;
+use super::rate::{MessageRate, Verdict};
 use super::{CloseReason, Liveness, Mode};
 use crate::cmd::Session;
 
