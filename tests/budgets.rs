@@ -302,12 +302,12 @@ async fn stalled_mid_frame(keep_talking: bool) -> (Duration, f64, f64) {
     // Never reads; sends an unsolicited Pong every 100 ms (when `keep_talking`), so the
     // dead-peer rule does not apply and the stall deadline alone must close it.
     let talker = tokio::spawn(async move {
-        while keep_talking {
-            if wr.write_all(&masked(true, OP_PONG, b"")).await.is_err() {
-                return;
+        if keep_talking {
+            while wr.write_all(&masked(true, OP_PONG, b"")).await.is_ok() {
+                sleep(Duration::from_millis(100)).await;
             }
-            sleep(Duration::from_millis(100)).await;
         }
+        // Keeps the write half (and so the socket) open until the test is done.
         std::future::pending::<()>().await;
     });
     let mut publisher = node.client().await;
