@@ -156,3 +156,23 @@ fn broker_failed<'a>(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_timed_out_call_is_timeout_and_anything_else_unavailable() {
+        let code = |e: BrokerError| broker_failed(None, "publish", &e).code;
+        assert_eq!(
+            code(BrokerError::Timeout(Duration::from_millis(500))),
+            ErrorCode::Timeout
+        );
+        assert_eq!(code(BrokerError::Down), ErrorCode::Unavailable);
+        let refused = redis::RedisError::from((redis::ErrorKind::Io, "connection refused"));
+        assert_eq!(code(BrokerError::Redis(refused)), ErrorCode::Unavailable);
+        assert_eq!(ErrorCode::Timeout.as_str(), "timeout");
+    }
+}

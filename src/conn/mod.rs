@@ -4,7 +4,8 @@
 //! reading is never a `select!` branch: the reader and the writer are two futures driven side by
 //! side in the connection's task, and the reader is only dropped once the connection is over.
 //! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
-//! server's ping timer, the dead-peer deadline and the final close frame. fastwebsockets parses
+//! server's ping timer, the dead-peer and stall deadlines and the final close frame; its writes
+//! are raced against those deadlines, which the reader's never are. fastwebsockets parses
 //! the client's frames; the server's frames are encoded by [`frame`], once per message.
 
 pub(crate) mod frame;
