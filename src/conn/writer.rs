@@ -43,8 +43,7 @@ struct Abort;
 #[derive(Default)]
 struct Batch {
     frames: VecDeque<Bytes>,
-    /// The socket accepted part of the first frame: it must be finished before anything else
-    /// (a close frame) can follow, or the client would read it as payload.
+    /// The socket accepted part of the first frame (kept for the log of a stalled close).
     mid_frame: bool,
 }
 
@@ -75,10 +74,9 @@ pub async fn run(
             frame::close_with(code, text)
         }
     };
-    let mut last = VecDeque::new();
-    if batch.mid_frame {
-        last.extend(batch.frames.pop_front());
-    }
+    // The batch already taken goes out first (a frame the socket accepted part of must be
+    // finished before the close frame, or the client would read the close as payload).
+    let mut last = std::mem::take(&mut batch.frames);
     // When the client's own frames end the connection (its Close, a malformed frame), the
     // replies to the messages it sent before are still queued: they go out ahead of the close
     // frame (RFC 6455 5.5.1 lets an endpoint finish sending first), within the same bound.
@@ -89,7 +87,6 @@ pub async fn run(
             | CloseReason::InvalidUtf8
             | CloseReason::TooBig
     ) {
-        last.append(&mut batch.frames);
         let mut queued = VecDeque::new();
         outbox.take(&mut queued);
         last.append(&mut queued);
@@ -175,6 +172,7 @@ async fn serve(
                 if Instant::now() >= deadline {
                     tracing::info!(
                         queued_bytes = outbox.queued_bytes(),
+                        mid_frame = batch.mid_frame,
                         "closing a connection whose socket accepted nothing for ping interval + pong timeout"
                     );
                     outbox.close(CloseReason::Stalled);
