@@ -8,6 +8,7 @@
 //! are raced against those deadlines, which the reader's never are. fastwebsockets parses
 //! the client's frames; the server's frames are encoded by [`frame`], once per message.
 
+mod capped;
 pub(crate) mod frame;
 mod outbox;
 mod rate;
@@ -112,8 +113,11 @@ async fn serve_inner(
     // fastwebsockets reads; the writer writes the raw half (its frames are pre-encoded), so the
     // library's own write half is never used.
     let (read_half, write_half) = tokio::io::split(ws.into_inner());
-    let (read, _) =
-        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
+    let (read, _) = fastwebsockets::after_handshake_split(
+        capped::Capped(read_half),
+        tokio::io::sink(),
+        Role::Server,
+    );
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
