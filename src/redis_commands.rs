@@ -66,8 +66,9 @@ impl RedisCommands {
         if let (generation, Some(conn)) = &*self.lock() {
             return Ok((*generation, conn.clone()));
         }
+        // No connection within the timeout: nothing was sent, so the outcome is known (`Down`).
         let object = match tokio::time::timeout(self.timeout, self.pool.get()).await {
-            Err(_) => return Err(BrokerError::Timeout(self.timeout)),
+            Err(_) => return Err(BrokerError::Down),
             Ok(Err(deadpool_redis::PoolError::Backend(e))) => return Err(e.into()),
             Ok(Err(_)) => return Err(BrokerError::Down),
             Ok(Ok(object)) => object,
@@ -106,6 +107,10 @@ impl RedisCommands {
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
                     self.discard(generation);
+                }
+                // redis-rs's own response timeout: sent, no answer, outcome unknown.
+                if e.is_timeout() {
+                    return Err(BrokerError::Timeout(self.timeout));
                 }
                 Err(e.into())
             }
