@@ -93,6 +93,11 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
 
+    /// Bytes of frames queued for one connection and not yet accepted by its socket (deliveries,
+    /// replies, pongs, close) before it counts as a slow consumer: `64KiB`, `4MiB` or bytes.
+    #[arg(long, env = "PUBGATE_SEND_BUFFER", default_value = "1MiB", value_parser = bytes_of("PUBGATE_SEND_BUFFER"))]
+    pub send_buffer: usize,
+
     /// Upper bound for a graceful shutdown, drain delay included.
     #[arg(long, env = "PUBGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration_of("PUBGATE_SHUTDOWN_TIMEOUT"))]
     pub shutdown_timeout: Duration,
@@ -201,6 +206,7 @@ impl Default for Config {
             max_message_size: 65536,
             max_subscriptions: 256,
             send_queue: 1024,
+            send_buffer: 1 << 20,
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
             broker_probe_interval: Duration::from_secs(5),
@@ -309,6 +315,7 @@ impl Config {
             ("PUBGATE_MAX_SUBSCRIPTIONS", self.max_subscriptions),
             ("PUBGATE_PRESENCE_MAX_MEMBERS", self.presence_max_members),
             ("PUBGATE_SEND_QUEUE", self.send_queue),
+            ("PUBGATE_SEND_BUFFER", self.send_buffer),
         ];
         for (name, value) in counts {
             if value == 0 {
@@ -500,6 +507,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration such as 250ms, 25s or 1m ({e})"))
 }
 
+/// A clap value parser for byte sizes whose error names the environment variable.
+fn bytes_of(var: &'static str) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s| parse_bytes(s).map_err(|e| format!("{e}; check {var}"))
+}
+
+/// Parses a byte size: plain bytes (`65536`) or a number with a binary unit (`64KiB`, `4MiB`,
+/// `1GiB`; `B` too). Units are case-insensitive and may follow a space; decimal units (`kB`,
+/// `MB`) are refused rather than guessed at.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || format!("`{s}` is not a size such as 65536, 64KiB or 4MiB");
+    let number: usize = number.parse().map_err(|_| bad())?;
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kib" => 10,
+        "mib" => 20,
+        "gib" => 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -522,6 +555,44 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("abc").unwrap_err().contains("abc"));
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_bytes_and_binary_units() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("1mib"), Ok(1 << 20));
+        assert_eq!(parse_bytes(" 2 GiB "), Ok(2 << 30));
+        assert_eq!(parse_bytes("100B"), Ok(100));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "4MB",
+            "4 kB",
+            "12x",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_bytes("4MB").unwrap_err().contains("4MiB"));
+    }
+
+    #[test]
+    fn the_send_buffer_must_hold_something() {
+        let cfg = Config {
+            send_buffer: 0,
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("PUBGATE_SEND_BUFFER"));
+        assert_eq!(Config::default().send_buffer, 1 << 20);
     }
 
     #[test]

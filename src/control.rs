@@ -99,6 +99,7 @@ async fn retry(node: Weak<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Budget;
     use crate::conn::Outbox;
     use crate::metrics::Metrics;
     use crate::presence::Member;
@@ -110,7 +111,14 @@ mod tests {
             user: Some(user.into()),
             info: None,
         };
-        Arc::new(Outbox::new(key, member, 1))
+        Arc::new(Outbox::new(
+            key,
+            member,
+            Budget {
+                frames: 1,
+                bytes: 1 << 20,
+            },
+        ))
     }
 
     #[test]

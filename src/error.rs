@@ -46,16 +46,17 @@ pub enum Error {
     Redis(String),
 }
 
-/// A broker or presence call that did not succeed. Clients see `unavailable`.
+/// A broker or presence call that did not succeed. Clients see `timeout` for
+/// [`BrokerError::Timeout`] (outcome unknown) and `unavailable` otherwise (nothing done).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The broker is known to be down (reconnecting); nothing was sent.
     #[error("broker unavailable")]
     Down,
-    /// The call did not finish in time; its outcome is unknown.
+    /// The call was sent and did not finish in time; its outcome is unknown.
     #[error("broker call timed out after {0:?}")]
     Timeout(Duration),
-    /// Redis answered with an error or the connection failed.
+    /// Redis answered with an error or the connection failed before the call was sent.
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
 }

@@ -224,9 +224,10 @@ impl Harness {
 /// - it ends (the stream ends in EOF) without panicking, and the session cleans up after itself;
 /// - every frame queued for the client is one complete, unmasked server frame: a pong of at most
 ///   125 bytes or a text frame of a JSON object with a known `type`;
-/// - the close reason and the number of answers (one reply per data message, one pong per ping)
-///   are those of a reference model of RFC 6455 framing ([`reference`]); only a slow-consumer close
-///   (the connection's own deliveries filling its queue) may cut that short.
+/// - the close reason and the number of replies (one per data message) are those of a reference
+///   model of RFC 6455 framing ([`reference`]), with between one pong and one per ping when the
+///   client pinged (pongs coalesce to the latest ping); only a slow-consumer close (the
+///   connection's own deliveries filling its queue) may cut that short.
 pub fn read_connection(bytes: &[u8]) {
     HARNESS.with(|h| h.runtime.block_on(connection(&h.node, bytes)));
 }
@@ -240,7 +241,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         user: Some(USER.into()),
         info: None,
     };
-    let outbox = Arc::new(Outbox::new(key, member, node.limits.send_queue));
+    let outbox = Arc::new(Outbox::new(key, member, node.limits.budget()));
     let patterns = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     let identity = Identity {
         user: Some(USER.into()),
@@ -268,13 +269,13 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
     outbox.take(&mut rest);
     frames.extend(rest);
 
-    let mut answers = 0;
+    let (mut answers, mut pongs) = (0, 0);
     for frame in &frames {
         let (opcode, payload) = server_frame(frame);
         match opcode {
             PONG => {
                 assert!(payload.len() <= 125, "a pong echoes at most 125 bytes");
-                answers += 1;
+                pongs += 1;
             }
             TEXT => {
                 let reply = json_object(payload);
@@ -295,14 +296,15 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
     let reason = outbox.close_reason();
     if reason != CloseReason::SlowConsumer {
         assert_eq!(reason, expected.reason, "close reason");
-        assert_eq!(
-            answers, expected.answers,
-            "answers (one per message and ping)"
+        assert_eq!(answers, expected.answers, "replies (one per message)");
+        assert!(
+            pongs <= expected.pings && (pongs == 0) == (expected.pings == 0),
+            "{pongs} pongs for {expected:?}"
         );
     } else {
         assert!(
-            answers <= expected.answers,
-            "answers {answers} > {expected:?}"
+            answers <= expected.answers && pongs <= expected.pings,
+            "{answers} replies and {pongs} pongs > {expected:?}"
         );
     }
     let left = node.hub.members();
@@ -317,6 +319,7 @@ async fn drain(outbox: &Outbox, reader_done: &CancellationToken, frames: &mut Ve
     let mut batch = VecDeque::new();
     loop {
         outbox.take(&mut batch);
+        outbox.sent(batch.iter().map(Bytes::len).sum());
         frames.extend(batch.drain(..));
         if reader_done.is_cancelled() {
             return;
@@ -374,8 +377,11 @@ impl AsyncRead for Trickle<'_> {
 struct Expected {
     /// The first reason to close.
     reason: CloseReason,
-    /// Replies and pongs owed before it.
+    /// Replies owed before it.
     answers: usize,
+    /// Pings before it: answered by at least one pong and at most one each (pongs coalesce to
+    /// the latest ping not yet answered).
+    pings: usize,
 }
 
 const CONTINUATION: u8 = 0x0;
@@ -401,14 +407,19 @@ const PONG: u8 = 0xA;
 fn reference(mut input: &[u8], max: usize) -> Expected {
     let mut answers = 0;
     let mut partial: Option<(u8, Vec<u8>)> = None;
-    let end = |reason: CloseReason, answers: usize| Expected { reason, answers };
+    let mut pings = 0;
+    let end = |reason: CloseReason, answers: usize, pings: usize| Expected {
+        reason,
+        answers,
+        pings,
+    };
     loop {
         let Some(&[b0, b1]) = take(&mut input, 2) else {
-            return end(CloseReason::Gone, answers);
+            return end(CloseReason::Gone, answers, pings);
         };
         let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
         if b0 & 0x70 != 0 || !matches!(opcode, 0..=2 | 8..=10) {
-            return end(CloseReason::Protocol, answers);
+            return end(CloseReason::Protocol, answers, pings);
         }
         let masked = b1 & 0x80 != 0;
         let len = match b1 & 0x7F {
@@ -417,25 +428,25 @@ fn reference(mut input: &[u8], max: usize) -> Expected {
             n => Some(u64::from(n)),
         };
         let Some(len) = len else {
-            return end(CloseReason::Gone, answers);
+            return end(CloseReason::Gone, answers, pings);
         };
         let mask: Option<[u8; 4]> = if masked {
             match take(&mut input, 4) {
                 Some(m) => Some(m.try_into().expect("4 bytes")),
-                None => return end(CloseReason::Gone, answers),
+                None => return end(CloseReason::Gone, answers, pings),
             }
         } else {
             None
         };
         let control = opcode >= CLOSE;
         if (control && !fin) || (opcode == PING && len > 125) {
-            return end(CloseReason::Protocol, answers);
+            return end(CloseReason::Protocol, answers, pings);
         }
         if len > max as u64 {
-            return end(CloseReason::TooBig, answers);
+            return end(CloseReason::TooBig, answers, pings);
         }
         let Some(payload) = take(&mut input, len as usize) else {
-            return end(CloseReason::Gone, answers);
+            return end(CloseReason::Gone, answers, pings);
         };
         let mut payload = payload.to_vec();
         if let Some(mask) = mask {
@@ -451,17 +462,17 @@ fn reference(mut input: &[u8], max: usize) -> Expected {
             Err(e) => !fin && e.error_len().is_none(),
         };
         if opcode == TEXT && fin && !utf8(&payload) {
-            return end(CloseReason::InvalidUtf8, answers);
+            return end(CloseReason::InvalidUtf8, answers, pings);
         }
         if !masked {
-            return end(CloseReason::Protocol, answers);
+            return end(CloseReason::Protocol, answers, pings);
         }
         let complete = match opcode {
             PING => {
-                answers += 1;
+                pings += 1;
                 None
             }
-            PONG if payload.len() > 125 => return end(CloseReason::Protocol, answers),
+            PONG if payload.len() > 125 => return end(CloseReason::Protocol, answers, pings),
             PONG => None,
             CLOSE => {
                 let reason = match payload.len() {
@@ -478,26 +489,28 @@ fn reference(mut input: &[u8], max: usize) -> Expected {
                         }
                     }
                 };
-                return end(reason, answers);
+                return end(reason, answers, pings);
             }
-            TEXT | BINARY if partial.is_some() => return end(CloseReason::Protocol, answers),
+            TEXT | BINARY if partial.is_some() => {
+                return end(CloseReason::Protocol, answers, pings)
+            }
             TEXT | BINARY if !fin => {
                 if opcode == TEXT && !valid_so_far(&payload, false) {
-                    return end(CloseReason::InvalidUtf8, answers);
+                    return end(CloseReason::InvalidUtf8, answers, pings);
                 }
                 partial = Some((opcode, payload));
                 None
             }
             TEXT | BINARY => Some((opcode, payload)),
             CONTINUATION => match partial.as_mut() {
-                None => return end(CloseReason::Protocol, answers),
+                None => return end(CloseReason::Protocol, answers, pings),
                 Some((_, data)) if data.len() + payload.len() > max => {
-                    return end(CloseReason::TooBig, answers)
+                    return end(CloseReason::TooBig, answers, pings)
                 }
                 Some((kind, data)) => {
                     data.extend_from_slice(&payload);
                     if *kind == TEXT && !valid_so_far(data, fin) {
-                        return end(CloseReason::InvalidUtf8, answers);
+                        return end(CloseReason::InvalidUtf8, answers, pings);
                     }
                     if fin {
                         partial.take()
@@ -510,7 +523,7 @@ fn reference(mut input: &[u8], max: usize) -> Expected {
         };
         if let Some((opcode, data)) = complete {
             if opcode == TEXT && !utf8(&data) {
-                return end(CloseReason::InvalidUtf8, answers);
+                return end(CloseReason::InvalidUtf8, answers, pings);
             }
             answers += 1;
         }

@@ -9,10 +9,16 @@
 //! With history on, a new subscription starts behind a [`Gate`] (see `gate.rs`): live deliveries
 //! for that one connection are held while its subscribe reads the history, then merged by offset.
 //! Without a gate (history off, every v1 subscription) delivery is the plain queue push.
+//!
+//! A payload over `PUBGATE_MAX_MESSAGE_SIZE` (backends publish on Redis directly, past every
+//! client-side check) is dropped before it is encoded and counted as `too_big`: one such message
+//! would otherwise be copied into a frame and held by every subscriber's queue.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::broker::MessageSink;
 use crate::conn::frame;
@@ -27,6 +33,8 @@ pub use self::gate::Gate;
 mod gate;
 
 const SHARDS: usize = 64;
+/// At most one log line per this period about oversized backend payloads.
+const TOO_BIG_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One local subscriber of a channel.
 #[derive(Debug)]
@@ -45,6 +53,10 @@ type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
 pub struct Hub {
     shards: Box<[Shard]>,
     metrics: Arc<Metrics>,
+    /// Largest payload delivered (`PUBGATE_MAX_MESSAGE_SIZE`).
+    max_payload: usize,
+    /// Unix seconds of the last oversized-payload log line (rate limit).
+    too_big_logged: AtomicU64,
 }
 
 /// Shard index of a channel; also used for the node's per-channel locks.
@@ -53,10 +65,45 @@ pub fn channel_slot(channel: &str, slots: usize) -> usize {
 }
 
 impl Hub {
+    /// A hub that delivers payloads of any size (tests); nodes use [`Hub::with_max_payload`].
+    #[cfg(test)]
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_max_payload(metrics, usize::MAX)
+    }
+
+    /// A hub that drops payloads longer than `max_payload` bytes instead of delivering them.
+    pub fn with_max_payload(metrics: Arc<Metrics>, max_payload: usize) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             metrics,
+            max_payload,
+            too_big_logged: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts (and now and then logs) a payload too big to deliver.
+    fn too_big(&self, channel: &str, len: usize) {
+        self.metrics
+            .messages_dropped
+            .with_label_values(&["too_big"])
+            .inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.too_big_logged.load(Ordering::Relaxed);
+        if now >= last + TOO_BIG_LOG_EVERY.as_secs()
+            && self
+                .too_big_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                channel,
+                bytes = len,
+                max = self.max_payload,
+                "dropped a broker payload over PUBGATE_MAX_MESSAGE_SIZE (logged at most every 10 s; \
+                 see pubgate_messages_dropped_total{{reason=\"too_big\"}})"
+            );
         }
     }
 
@@ -76,7 +123,12 @@ impl Hub {
 
     /// Adds a subscriber whose live deliveries are held by a new gate until
     /// [`Gate::go_live`]; `None` if it was already subscribed (nothing changes).
-    pub fn add_gated(&self, channel: &str, outbox: &Arc<Outbox>, hold: usize) -> Option<Arc<Gate>> {
+    pub fn add_gated(
+        &self,
+        channel: &str,
+        outbox: &Arc<Outbox>,
+        hold: crate::conn::Budget,
+    ) -> Option<Arc<Gate>> {
         let gate = Arc::new(Gate::new(hold));
         self.insert(channel, outbox, Some(gate.clone()))
             .then_some(gate)
@@ -190,6 +242,10 @@ impl Hub {
 
 impl MessageSink for Hub {
     fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
+        if payload.len() > self.max_payload {
+            self.too_big(channel, payload.len());
+            return;
+        }
         let shard = read(self.shard(channel));
         let Some(subscribers) = shard.get(channel) else {
             return;

@@ -4,6 +4,8 @@
 //! metric and every listed label value is created at start-up so it is exported at zero before it
 //! first moves: dashboards and alerts never see a series appear out of nowhere.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -12,7 +14,7 @@ use prometheus::{
 /// Presence event types counted when this node publishes them.
 pub const PRESENCE_EVENT_TYPES: &[&str] = &["join", "leave"];
 /// Reasons a message was dropped instead of delivered.
-pub const DROP_REASONS: &[&str] = &["slow_consumer"];
+pub const DROP_REASONS: &[&str] = &["slow_consumer", "too_big"];
 /// Reasons an upgrade was refused.
 pub const UPGRADE_REJECT_REASONS: &[&str] = &[
     "unauthorized",
@@ -32,6 +34,7 @@ pub const REQUEST_REJECT_REASONS: &[&str] = &[
     "unavailable",
     "forbidden",
     "rate_limited",
+    "timeout",
 ];
 /// Reasons the server closed a connection by policy.
 pub const DISCONNECT_REASONS: &[&str] = &[
@@ -254,12 +257,46 @@ impl Metrics {
         Ok(())
     }
 
+    /// Registers `pubgate_send_queued_bytes`, computed by `bytes` at each scrape.
+    pub fn register_queued_bytes(
+        &self,
+        bytes: impl Fn() -> usize + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
+        let gauge = IntGauge::new(
+            "pubgate_send_queued_bytes",
+            "Bytes of frames queued for this node's connections and not yet accepted by their \
+             sockets (computed at scrape time)",
+        )?;
+        self.registry.register(Box::new(Computed {
+            gauge,
+            value: Box::new(bytes),
+        }))
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec only fails on invalid metric data, which the typed handles exclude.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// A gauge whose value is computed when it is collected.
+struct Computed {
+    gauge: IntGauge,
+    value: Box<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl Collector for Computed {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.gauge
+            .set(i64::try_from((self.value)()).unwrap_or(i64::MAX));
+        self.gauge.collect()
     }
 }
 
@@ -278,6 +315,8 @@ mod tests {
             "pubgate_messages_published_total ",
             "pubgate_messages_delivered_total ",
             "pubgate_messages_dropped_total{reason=\"slow_consumer\"} ",
+            "pubgate_messages_dropped_total{reason=\"too_big\"} ",
+            "pubgate_requests_rejected_total{reason=\"timeout\"} ",
             "pubgate_broker_up ",
             "pubgate_broker_reconnects_total ",
             "pubgate_publish_duration_seconds_bucket",
@@ -305,6 +344,20 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_queued_bytes_gauge_is_computed_at_scrape_time() {
+        let m = Metrics::new().unwrap();
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(7));
+        m.register_queued_bytes({
+            let bytes = bytes.clone();
+            move || bytes.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap();
+        assert!(m.render().contains("pubgate_send_queued_bytes 7\n"));
+        bytes.store(12345, std::sync::atomic::Ordering::Relaxed);
+        assert!(m.render().contains("pubgate_send_queued_bytes 12345\n"));
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_subscriptions: usize,
     pub send_queue: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    pub send_buffer: usize,
     /// Client messages per second per connection; 0 = unlimited.
     pub rate_limit: u32,
     /// Token bucket capacity of the rate limit.
@@ -55,6 +57,16 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Most members in one presence reply.
     pub presence_max_members: usize,
+}
+
+impl Limits {
+    /// One connection's send budget.
+    pub fn budget(&self) -> crate::conn::Budget {
+        crate::conn::Budget {
+            frames: self.send_queue,
+            bytes: self.send_buffer,
+        }
+    }
 }
 
 /// Shared state of one node; connections hold it as `Arc<Node>`.
@@ -71,7 +83,8 @@ pub struct Node {
     /// `PUBGATE_API_KEY`; `None`: the HTTP server API answers 404.
     pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
-    pub drain: Drain,
+    /// Shared with the metrics' queued-bytes gauge, which sums the registered connections.
+    pub drain: Arc<Drain>,
     /// Token verification, or anonymous mode.
     pub auth: Auth,
     /// `Origin` allowlist; `None` allows any origin.
@@ -100,7 +113,10 @@ impl Node {
         let auth = Auth::from_config(config)?;
         let origins = AllowedOrigins::parse(config.allowed_origins.as_deref())?;
         let metrics = Arc::new(Metrics::new()?);
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::with_max_payload(
+            metrics.clone(),
+            config.max_message_size,
+        ));
         let users = Arc::new(Users::default());
         let sink: Arc<dyn MessageSink> = Arc::new(Router {
             hub: hub.clone(),
@@ -192,6 +208,11 @@ impl Node {
             }
         };
         metrics.broker_up.set(broker.is_up() as i64);
+        let drain = Arc::new(Drain::default());
+        metrics.register_queued_bytes({
+            let drain = drain.clone();
+            move || drain.queued_bytes()
+        })?;
         let node = Arc::new(Node {
             id,
             limits: Limits {
@@ -200,6 +221,7 @@ impl Node {
                 max_message_size: config.max_message_size,
                 max_subscriptions: config.max_subscriptions,
                 send_queue: config.send_queue,
+                send_buffer: config.send_buffer,
                 rate_limit: config.rate_limit,
                 rate_burst: config.rate_burst,
                 max_connections: config.max_connections,
@@ -213,7 +235,7 @@ impl Node {
             history_size: config.history_size,
             api_key: config.api_key.clone(),
             metrics,
-            drain: Drain::default(),
+            drain,
             auth,
             origins,
             users,
@@ -308,7 +330,7 @@ impl Node {
             if !self.hub.has_channel(channel) {
                 self.broker.subscribe(channel).await?;
             }
-            self.hub.add_gated(channel, outbox, self.limits.send_queue)
+            self.hub.add_gated(channel, outbox, self.limits.budget())
         };
         match self.presence.add(channel, &outbox.member).await {
             Ok(joined) => {

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     Unsupported,
     Unavailable,
+    /// A broker call timed out: its outcome is unknown (a publish may still be delivered).
+    Timeout,
     RateLimited,
     Forbidden,
 }
@@ -41,6 +43,7 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Forbidden => "forbidden",
         }

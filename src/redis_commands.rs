@@ -242,8 +242,9 @@ impl RedisCommands {
 
     async fn connect(&self) -> Result<CommandConnection, BrokerError> {
         match &self.backend {
+            // No connection within the timeout: nothing was sent, so the outcome is known (`Down`).
             Backend::Single(pool) => match tokio::time::timeout(self.timeout, pool.get()).await {
-                Err(_) => Err(BrokerError::Timeout(self.timeout)),
+                Err(_) => Err(BrokerError::Down),
                 Ok(Err(deadpool_redis::PoolError::Backend(e))) => Err(e.into()),
                 Ok(Err(_)) => Err(BrokerError::Down),
                 Ok(Ok(object)) => Ok(CommandConnection::Single(deadpool_redis::Connection::take(
@@ -252,7 +253,7 @@ impl RedisCommands {
             },
             Backend::Cluster(client) => {
                 match tokio::time::timeout(self.timeout, client.get_async_connection()).await {
-                    Err(_) => Err(BrokerError::Timeout(self.timeout)),
+                    Err(_) => Err(BrokerError::Down),
                     Ok(Err(e)) => Err(e.into()),
                     Ok(Ok(conn)) => Ok(CommandConnection::Cluster(conn)),
                 }
@@ -302,6 +303,10 @@ impl RedisCommands {
                     && (e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error())
                 {
                     self.discard(generation);
+                }
+                // redis-rs's own response timeout: sent, no answer, outcome unknown.
+                if e.is_timeout() {
+                    return Err(BrokerError::Timeout(self.timeout));
                 }
                 Err(e.into())
             }

@@ -292,6 +292,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        keepalive(&stream);
         let node = node.clone();
         let sessions = sessions.clone();
         let http_stop = http_stop.clone();
@@ -311,6 +312,20 @@ async fn accept_loop(
             };
             serve_http(stream, peer, node, sessions, http_stop, surface).await
         });
+    }
+}
+
+/// Turns on TCP keepalive: a peer that vanished without a FIN or RST (a dropped route, a powered
+/// off device) is found by the kernel after about 30 s + 3 x 10 s of silence in both directions,
+/// even where no WebSocket ping is due (the HTTP request phase, a connection closing).
+fn keepalive(stream: &tokio::net::TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    #[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple"))]
+    let params = params.with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "cannot enable tcp keepalive");
     }
 }
 

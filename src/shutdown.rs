@@ -65,6 +65,22 @@ impl Drain {
         }
     }
 
+    /// Bytes queued for every open connection and not yet accepted by their sockets, summed at
+    /// the metrics scrape (a node-wide counter updated per push would be one contended cache
+    /// line on the fan-out path).
+    pub fn queued_bytes(&self) -> usize {
+        self.connections
+            .iter()
+            .map(|shard| {
+                lock(shard)
+                    .values()
+                    .filter_map(Weak::upgrade)
+                    .map(|o| o.queued_bytes())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Removes a closed connection.
     pub fn unregister(&self, key: u64) {
         lock(self.shard(key)).remove(&key);

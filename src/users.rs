@@ -121,7 +121,14 @@ mod tests {
             user: Some("alice".into()),
             info: None,
         };
-        Arc::new(Outbox::new(key, member, 1))
+        Arc::new(Outbox::new(
+            key,
+            member,
+            crate::conn::Budget {
+                frames: 1,
+                bytes: usize::MAX,
+            },
+        ))
     }
 
     /// The race of the review: token checked, then the disconnect, then the registration.

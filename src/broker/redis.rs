@@ -139,6 +139,7 @@ impl Shared {
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, BrokerError> {
         match tokio::time::timeout(self.options.timeout, call).await {
+            Ok(Err(e)) if e.is_timeout() => Err(BrokerError::Timeout(self.options.timeout)),
             Ok(result) => Ok(result?),
             Err(_) => Err(BrokerError::Timeout(self.options.timeout)),
         }

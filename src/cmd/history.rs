@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
 use crate::protocol::{encode_history, ErrorCode, Rejection};
 
@@ -31,7 +31,7 @@ pub async fn apply<'a>(
         .node
         .history_read(channel, Read::Latest { limit })
         .await
-        .map_err(|e| unavailable(id, "history", &e))?;
+        .map_err(|e| broker_failed(id, "history", &e))?;
     Ok(encode_history(
         channel,
         id,

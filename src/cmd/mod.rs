@@ -153,16 +153,51 @@ fn forbidden<'a>(id: Option<&'a RawValue>, what: &str, channel: &str) -> Rejecti
     )
 }
 
-/// The `unavailable` rejection for a broker or presence failure.
-fn unavailable<'a>(
+/// The rejection for a broker or presence failure: `timeout` when the call timed out (its outcome
+/// is unknown: a publish may still be delivered, a SUBSCRIBE may have reached Redis), else
+/// `unavailable` (not accepted, never delivered). Either way the connection's own state is rolled
+/// back: after a failed subscribe it is not subscribed.
+fn broker_failed<'a>(
     id: Option<&'a serde_json::value::RawValue>,
     what: &'static str,
     error: &BrokerError,
 ) -> Rejection<'a> {
     tracing::debug!(error = %error, what, "request failed on the broker");
-    let message = match error {
-        BrokerError::Down => format!("{what} failed: the broker is unavailable"),
-        other => format!("{what} failed: {other}"),
-    };
-    Rejection::new(id, ErrorCode::Unavailable, message)
+    match error {
+        BrokerError::Timeout(after) => Rejection::new(
+            id,
+            ErrorCode::Timeout,
+            format!("{what} timed out after {after:?}: outcome unknown"),
+        ),
+        BrokerError::Down => Rejection::new(
+            id,
+            ErrorCode::Unavailable,
+            format!("{what} failed: the broker is unavailable"),
+        ),
+        other => Rejection::new(
+            id,
+            ErrorCode::Unavailable,
+            format!("{what} failed: {other}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_timed_out_call_is_timeout_and_anything_else_unavailable() {
+        let code = |e: BrokerError| broker_failed(None, "publish", &e).code;
+        assert_eq!(
+            code(BrokerError::Timeout(Duration::from_millis(500))),
+            ErrorCode::Timeout
+        );
+        assert_eq!(code(BrokerError::Down), ErrorCode::Unavailable);
+        let refused = redis::RedisError::from((redis::ErrorKind::Io, "connection refused"));
+        assert_eq!(code(BrokerError::Redis(refused)), ErrorCode::Unavailable);
+        assert_eq!(ErrorCode::Timeout.as_str(), "timeout");
+    }
 }

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -23,7 +23,7 @@ pub async fn apply<'a>(
         .node
         .presence(channel, count_only)
         .await
-        .map_err(|e| unavailable(id, "presence", &e))?;
+        .map_err(|e| broker_failed(id, "presence", &e))?;
     Ok(Reply::Presence {
         channel,
         id,

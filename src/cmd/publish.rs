@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
@@ -19,7 +19,7 @@ pub async fn apply<'a>(
         .node
         .publish(channel, data.get())
         .await
-        .map_err(|e| unavailable(id, "publish", &e))?;
+        .map_err(|e| broker_failed(id, "publish", &e))?;
     Ok(Reply::Published {
         channel,
         id,

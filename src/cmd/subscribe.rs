@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{forbidden, unavailable, Session};
+use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
 use crate::protocol::{encode_delivery_at, ErrorCode, Rejection, Reply, Since};
 
@@ -44,7 +44,7 @@ pub async fn apply<'a>(
         session.watched.insert(channel.to_owned());
         if let Err(e) = session.node.watch_presence(&session.outbox, channel).await {
             session.watched.remove(channel);
-            return Err(unavailable(id, "subscribe", &e));
+            return Err(broker_failed(id, "subscribe", &e));
         }
     } else if !presence_events && watching {
         session.unwatch_presence(channel).await;
@@ -57,7 +57,7 @@ pub async fn apply<'a>(
             if let Err(e) = session.node.subscribe(&session.outbox, channel).await {
                 session.channels.remove(channel);
                 session.unwatch_presence(channel).await;
-                return Err(unavailable(id, "subscribe", &e));
+                return Err(broker_failed(id, "subscribe", &e));
             }
         }
         return Ok(Reply::Subscribed {
@@ -75,7 +75,7 @@ pub async fn apply<'a>(
             .node
             .history_read(channel, Read::State)
             .await
-            .map_err(|e| unavailable(id, "subscribe", &e))?;
+            .map_err(|e| broker_failed(id, "subscribe", &e))?;
         return Ok(Reply::Subscribed {
             channel,
             id,
@@ -99,11 +99,11 @@ async fn subscribe_with_history<'a>(
     let gate = match node.subscribe_gated(&session.outbox, channel).await {
         Ok(Some(gate)) => gate,
         // Not in the session's set but in the hub: cannot happen (the session owns both).
-        Ok(None) => return Err(unavailable(id, "subscribe", &crate::BrokerError::Down)),
+        Ok(None) => return Err(broker_failed(id, "subscribe", &crate::BrokerError::Down)),
         Err(e) => {
             session.channels.remove(channel);
             session.unwatch_presence(channel).await;
-            return Err(unavailable(id, "subscribe", &e));
+            return Err(broker_failed(id, "subscribe", &e));
         }
     };
     let read = match &since {
@@ -119,7 +119,7 @@ async fn subscribe_with_history<'a>(
             session.channels.remove(channel);
             node.unsubscribe(&session.outbox, channel).await;
             session.unwatch_presence(channel).await;
-            return Err(unavailable(id, "subscribe", &e));
+            return Err(broker_failed(id, "subscribe", &e));
         }
     };
     let recovered = since

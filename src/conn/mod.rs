@@ -4,16 +4,18 @@
 //! reading is never a `select!` branch: the reader and the writer are two futures driven side by
 //! side in the connection's task, and the reader is only dropped once the connection is over.
 //! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
-//! server's ping timer, the dead-peer deadline and the final close frame. fastwebsockets parses
+//! server's ping timer, the dead-peer and stall deadlines and the final close frame; its writes
+//! are raced against those deadlines, which the reader's never are. fastwebsockets parses
 //! the client's frames; the server's frames are encoded by [`frame`], once per message.
 
+mod capped;
 pub(crate) mod frame;
 mod outbox;
 mod rate;
 pub(crate) mod reader;
 mod writer;
 
-pub use outbox::{CloseReason, Outbox, Push};
+pub use outbox::{Budget, CloseReason, Outbox, Push};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,7 +96,7 @@ async fn serve_inner(
         user: identity.user.clone(),
         info: identity.info.clone(),
     };
-    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.send_queue));
+    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.budget()));
     node.drain.register(&outbox);
     metrics.connections.inc();
     metrics.connections_total.inc();
@@ -112,8 +114,11 @@ async fn serve_inner(
     // fastwebsockets reads; the writer writes the raw half (its frames are pre-encoded), so the
     // library's own write half is never used.
     let (read_half, write_half) = tokio::io::split(ws.into_inner());
-    let (read, _) =
-        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
+    let (read, _) = fastwebsockets::after_handshake_split(
+        capped::Capped(read_half),
+        tokio::io::sink(),
+        Role::Server,
+    );
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut session = Session::new(node.clone(), outbox.clone(), identity);

@@ -1,10 +1,17 @@
 //! The sending side of one connection as the rest of the node sees it: a bounded queue of
-//! complete frames and the connection's close switch.
+//! complete frames, the connection's byte budget and its close switch.
 //!
-//! Deliveries are pushed with [`Outbox::try_push`] and never wait: a full queue means the client
-//! is not keeping up, so the connection is closed as a slow consumer and fan-out to everyone else
-//! goes on. Replies and pongs use [`Outbox::push`], which waits for room: a client that sends
-//! requests without reading replies only slows itself down.
+//! Deliveries are pushed with [`Outbox::try_push`] and never wait: a full queue (too many frames,
+//! or too many bytes not yet accepted by the socket) means the client is not keeping up, so the
+//! connection is closed as a slow consumer and fan-out to everyone else goes on. Replies use
+//! [`Outbox::push`], which waits for room: a client that sends requests without reading replies
+//! only stops its own reader. Pongs are coalesced into one slot ([`Outbox::pong`]): a ping flood
+//! against a closed window holds one pong, not a backlog (RFC 6455 5.5.3).
+//!
+//! The byte count covers every frame from the moment it is queued until the socket has accepted
+//! its last byte, the writer's batch in flight included, so it is what the node holds for the
+//! connection. It is one atomic add per push, read by nobody but the pushes and the metrics
+//! scrape (see [`crate::shutdown::Drain::queued_bytes`]).
 //!
 //! The queue is a `VecDeque` behind a mutex held only to push or to swap the whole queue out, and
 //! the writer is woken only when the queue goes from empty to non-empty, so a subscriber that is
@@ -12,7 +19,7 @@
 //! queue allocates nothing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
@@ -20,13 +27,25 @@ use tokio::sync::Notify;
 
 use crate::presence::Member;
 
+/// How much one connection may have queued.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Most frames queued (`PUBGATE_SEND_QUEUE`).
+    pub frames: usize,
+    /// Most bytes queued and not yet accepted by the socket (`PUBGATE_SEND_BUFFER`).
+    pub bytes: usize,
+}
+
 /// Why and how the server closes a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
     /// The server is shutting down: 1001.
     Shutdown,
-    /// The send queue overflowed: 1008.
+    /// The send queue overflowed (frames or bytes): 1008.
     SlowConsumer,
+    /// The socket accepted no byte for ping interval + pong timeout while frames waited: counted
+    /// as a slow consumer, and the socket is dropped without a close frame (it would not go out).
+    Stalled,
     /// Nothing received within ping interval + pong timeout: 1008.
     PongTimeout,
     /// A message over the size limit: 1009.
@@ -52,7 +71,7 @@ impl CloseReason {
     pub fn frame(&self) -> Option<(u16, &'static str)> {
         match self {
             CloseReason::Shutdown => Some((1001, "server shutting down")),
-            CloseReason::SlowConsumer => Some((1008, "slow consumer")),
+            CloseReason::SlowConsumer | CloseReason::Stalled => Some((1008, "slow consumer")),
             CloseReason::PongTimeout => Some((1008, "pong timeout")),
             CloseReason::TooBig => Some((1009, "message too big")),
             CloseReason::InvalidUtf8 => Some((1007, "invalid utf-8")),
@@ -68,7 +87,7 @@ impl CloseReason {
     pub fn metric_label(&self) -> Option<&'static str> {
         match self {
             CloseReason::Shutdown => Some("shutdown"),
-            CloseReason::SlowConsumer => Some("slow_consumer"),
+            CloseReason::SlowConsumer | CloseReason::Stalled => Some("slow_consumer"),
             CloseReason::PongTimeout => Some("pong_timeout"),
             CloseReason::TooBig => Some("message_too_big"),
             CloseReason::InvalidUtf8 => Some("invalid_utf8"),
@@ -91,6 +110,22 @@ pub enum Push {
     Closed,
 }
 
+/// What the mutex guards.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// The payload of the latest client ping not yet answered: kept in place, so a ping flood
+    /// allocates nothing; the pong frame is built when the writer takes it.
+    pong: Option<PingPayload>,
+}
+
+/// A control frame payload (at most 125 bytes).
+#[derive(Debug)]
+struct PingPayload {
+    len: u8,
+    bytes: [u8; 125],
+}
+
 /// One connection's queue and close switch.
 #[derive(Debug)]
 pub struct Outbox {
@@ -98,10 +133,12 @@ pub struct Outbox {
     pub key: u64,
     /// Who this connection is in presence.
     pub member: Member,
-    /// Complete frames waiting for the writer.
-    queue: Mutex<VecDeque<Bytes>>,
-    /// Most frames queued before the connection counts as a slow consumer.
-    capacity: usize,
+    /// Complete frames waiting for the writer, and the coalesced pong.
+    queue: Mutex<Queue>,
+    budget: Budget,
+    /// Bytes queued or taken by the writer and not yet accepted by the socket. Only grows under
+    /// the queue lock (so a push's check-then-add is exact); the writer subtracts without it.
+    bytes: AtomicUsize,
     /// Wakes the writer when the queue goes from empty to non-empty, and when the connection
     /// starts closing.
     ready: Notify,
@@ -116,12 +153,13 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(key: u64, member: Member, capacity: usize) -> Self {
+    pub fn new(key: u64, member: Member, budget: Budget) -> Self {
         Outbox {
             key,
             member,
-            queue: Mutex::new(VecDeque::new()),
-            capacity,
+            queue: Mutex::new(Queue::default()),
+            budget,
+            bytes: AtomicUsize::new(0),
             ready: Notify::new(),
             room: Notify::new(),
             closed_wake: Notify::new(),
@@ -139,22 +177,20 @@ impl Outbox {
         if self.closed.load(Ordering::Relaxed) {
             return Push::Closed;
         }
-        let mut queue = self.lock();
-        if queue.len() >= self.capacity {
+        let queue = self.lock();
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if queue.frames.len() >= self.budget.frames || bytes + frame.len() > self.budget.bytes {
             drop(queue);
             self.close(CloseReason::SlowConsumer);
             return Push::Full;
         }
-        queue.push_back(frame);
-        let first = queue.len() == 1;
-        drop(queue);
-        if first {
-            self.ready.notify_one();
-        }
+        self.enqueue(queue, frame);
         Push::Queued
     }
 
-    /// Queues a frame, waiting for room; returns false if the connection is closing.
+    /// Queues a reply, waiting for room; returns false if the connection is closing. A reply
+    /// larger than the whole byte budget is let in once nothing else is queued or in flight, so
+    /// it cannot wait forever.
     pub async fn push(&self, frame: Bytes) -> bool {
         loop {
             let room = self.room.notified();
@@ -165,14 +201,11 @@ impl Outbox {
                 return false;
             }
             {
-                let mut queue = self.lock();
-                if queue.len() < self.capacity {
-                    queue.push_back(frame);
-                    let first = queue.len() == 1;
-                    drop(queue);
-                    if first {
-                        self.ready.notify_one();
-                    }
+                let queue = self.lock();
+                let bytes = self.bytes.load(Ordering::Acquire);
+                let fits = bytes == 0 || bytes + frame.len() <= self.budget.bytes;
+                if queue.frames.len() < self.budget.frames && fits {
+                    self.enqueue(queue, frame);
                     return true;
                 }
             }
@@ -180,15 +213,84 @@ impl Outbox {
         }
     }
 
+    /// Sets the pong to send for a client ping's `payload` (at most 125 bytes, checked by the
+    /// reader), replacing one not yet taken by the writer: a client gets a pong for its latest
+    /// ping, and a ping flood holds one frame and allocates nothing. Never waits.
+    pub fn pong(&self, payload: &[u8]) {
+        if self.is_closing() {
+            return;
+        }
+        let len = payload.len().min(125);
+        let mut ping = PingPayload {
+            len: len as u8,
+            bytes: [0; 125],
+        };
+        ping.bytes[..len].copy_from_slice(&payload[..len]);
+        let mut queue = self.lock();
+        // A pong frame is its payload plus a 2-byte header.
+        self.bytes.fetch_add(len + 2, Ordering::Relaxed);
+        let wake = queue.frames.is_empty() && queue.pong.is_none();
+        if let Some(old) = queue.pong.replace(ping) {
+            self.bytes
+                .fetch_sub(old.len as usize + 2, Ordering::Relaxed);
+        }
+        drop(queue);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, frame: Bytes) {
+        self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        queue.frames.push_back(frame);
+        let first = queue.frames.len() == 1 && queue.pong.is_none();
+        drop(queue);
+        if first {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Records that the socket accepted `n` bytes of frames taken with [`Outbox::take`] (or
+    /// counted with [`Outbox::hold`]), making room for replies.
+    pub fn sent(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.room.notify_one();
+    }
+
+    /// Counts a frame the writer sends of its own (a ping, the close frame) until it is sent.
+    pub fn hold(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes queued or in flight and not yet accepted by the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Forgets frames that will never be sent (the connection is over): the queue is emptied
+    /// and the count reset, so the node's gauge does not report what is no longer held.
+    pub fn discard(&self) {
+        let mut queue = self.lock();
+        queue.frames = VecDeque::new();
+        queue.pong = None;
+        self.bytes.store(0, Ordering::Release);
+    }
+
     /// Resolves when frames may be waiting (spurious wake-ups are possible).
     pub async fn ready(&self) {
         self.ready.notified().await
     }
 
-    /// Moves every queued frame into `into` (which must be empty), keeping both allocations.
+    /// Moves every queued frame into `into` (which must be empty), keeping both allocations;
+    /// a pending pong goes first. Their bytes stay counted until [`Outbox::sent`].
     pub fn take(&self, into: &mut VecDeque<Bytes>) {
         debug_assert!(into.is_empty());
-        std::mem::swap(&mut *self.lock(), into);
+        let mut queue = self.lock();
+        std::mem::swap(&mut queue.frames, into);
+        if let Some(ping) = queue.pong.take() {
+            into.push_front(super::frame::pong(&ping.bytes[..ping.len as usize]));
+        }
+        drop(queue);
         if !into.is_empty() {
             self.room.notify_one();
         }
@@ -228,7 +330,7 @@ impl Outbox {
     }
 
     // A poisoned lock means a panic while pushing or swapping; the deque is still whole.
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -240,14 +342,18 @@ mod tests {
 
     use super::*;
 
-    fn outbox(capacity: usize) -> Arc<Outbox> {
+    fn outbox(frames: usize) -> Arc<Outbox> {
+        with_budget(frames, usize::MAX / 2)
+    }
+
+    fn with_budget(frames: usize, bytes: usize) -> Arc<Outbox> {
         let member = Member {
             conn_id: "c".into(),
             node: "n".into(),
             user: None,
             info: None,
         };
-        Arc::new(Outbox::new(1, member, capacity))
+        Arc::new(Outbox::new(1, member, Budget { frames, bytes }))
     }
 
     async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
@@ -310,5 +416,64 @@ mod tests {
         tokio::task::yield_now().await;
         o.close(CloseReason::Shutdown);
         assert_eq!(within(blocked).await.map(Result::unwrap), Some(false));
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_counts_frames_until_the_socket_accepts_them() {
+        let o = with_budget(100, 10);
+        assert_eq!(o.try_push(Bytes::from_static(b"123456")), Push::Queued);
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        // Taken by the writer but not yet written: still counted.
+        assert_eq!(o.queued_bytes(), 6);
+        o.sent(4);
+        assert_eq!(o.try_push(Bytes::from_static(b"12345678")), Push::Queued);
+        assert_eq!(o.queued_bytes(), 10);
+        assert_eq!(o.try_push(Bytes::from_static(b"x")), Push::Full);
+        assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_bytes_and_one_larger_than_the_budget_still_goes() {
+        let o = with_budget(100, 10);
+        assert!(o.push(Bytes::from_static(b"12345678")).await);
+        let blocked = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(Bytes::from_static(b"12345")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        o.sent(4);
+        assert_eq!(within(blocked).await.map(Result::unwrap), Some(true));
+        // 20 bytes never fit in 10: they wait until nothing else is held, then go.
+        let big = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(Bytes::from(vec![b'a'; 20])).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!big.is_finished());
+        taken.clear();
+        o.take(&mut taken);
+        o.sent(o.queued_bytes());
+        assert_eq!(within(big).await.map(Result::unwrap), Some(true));
+        assert_eq!(o.queued_bytes(), 20);
+    }
+
+    #[tokio::test]
+    async fn pongs_coalesce_to_the_latest() {
+        let o = with_budget(100, 1000);
+        for i in 0..1000u32 {
+            o.pong(i.to_string().as_bytes());
+        }
+        assert_eq!(o.queued_bytes(), 5);
+        assert!(within(o.ready()).await.is_some(), "the writer was woken");
+        o.try_push(Bytes::from_static(b"m"));
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        assert_eq!(taken, [&b"\x8a\x03999"[..], b"m"]);
+        o.discard();
+        assert_eq!(o.queued_bytes(), 0);
     }
 }

@@ -12,8 +12,10 @@ use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "autobahn")]
+use super::frame;
 use super::rate::{MessageRate, Verdict};
-use super::{frame, CloseReason, Liveness, Mode};
+use super::{CloseReason, Liveness, Mode};
 use crate::cmd::Session;
 
 /// A fragmented message being reassembled.
@@ -80,6 +82,10 @@ pub async fn run<R: AsyncRead + Unpin>(
             }
         };
         liveness.touch();
+        // Frames parsed from the read buffer cost no I/O, so a flood of small frames (pings)
+        // would never let the writer, which shares this task, run its deadlines: each frame
+        // takes one unit of the task's cooperative budget.
+        tokio::task::consume_budget().await;
         if !is_masked(&mut frame) {
             // RFC 6455 5.1: a server must close on an unmasked client frame.
             outbox.close(CloseReason::Protocol);
@@ -93,12 +99,11 @@ pub async fn run<R: AsyncRead + Unpin>(
             continue;
         }
         let fail = match frame.opcode {
-            // The library has already refused a Ping over 125 bytes. A client that floods pings
-            // without reading waits here for room in its queue.
+            // The library has already refused a Ping over 125 bytes. Pongs coalesce to the
+            // latest ping (RFC 6455 5.5.3): a ping flood against a closed window holds one pong,
+            // and the writer's stall deadline ends it.
             OpCode::Ping => {
-                if !outbox.push(frame::pong(&frame.payload)).await {
-                    break;
-                }
+                outbox.pong(&frame.payload);
                 None
             }
             OpCode::Pong if frame.payload.len() > 125 => Some(CloseReason::Protocol),

@@ -2,19 +2,23 @@
 //!
 //! The queue holds complete frames (see [`super::frame`]), so the writer takes everything queued
 //! at once and hands it to vectored writes straight from the shared `Bytes`: no copy, and as many
-//! frames per syscall as have piled up. Until the connection starts closing a write may wait on a
-//! client that reads slowly (its queue then fills and it is closed as a slow consumer); from then
-//! on every write is bounded by the pong timeout, after which the socket is dropped.
+//! frames per syscall as have piled up. Each write is one `poll_write`, which either accepts bytes
+//! or accepts none, so it is raced against the timers without losing anything: the server's ping,
+//! the dead-peer deadline (a client silent for ping interval + pong timeout), the stall deadline
+//! (a socket that accepts no byte for as long while frames wait) and the close switch all fire
+//! whatever the socket does, mid-frame included. (The reader is the half that must never be
+//! raced: fastwebsockets' `read_frame` is not cancel-safe.)
+//!
+//! Bytes stay counted in the outbox's budget until the socket accepted them ([`Outbox::sent`]).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +36,16 @@ const KEEP_SLOTS: usize = 64;
 
 type Sink = WriteHalf<Io>;
 
-/// The socket failed or a closing write ran out of time: drop the connection.
+/// The socket failed: drop the connection.
 struct Abort;
+
+/// Frames taken from the outbox and not yet fully written.
+#[derive(Default)]
+struct Batch {
+    frames: VecDeque<Bytes>,
+    /// The socket accepted part of the first frame (kept for the log of a stalled close).
+    mid_frame: bool,
+}
 
 pub async fn run(
     mut sink: Sink,
@@ -43,12 +55,16 @@ pub async fn run(
     node: &Node,
 ) {
     let grace = node.limits.pong_timeout;
-    let served = serve(&mut sink, outbox, liveness, node).await;
+    let mut batch = Batch::default();
+    let served = serve(&mut sink, outbox, liveness, node, &mut batch).await;
     let reason = outbox.close_reason();
     if let Some(label) = reason.metric_label() {
         node.metrics.disconnects.with_label_values(&[label]).inc();
     }
-    if served.is_err() || reason == CloseReason::Gone {
+    // A stalled socket has accepted nothing for ping interval + pong timeout: a close frame
+    // would wait the same way, so the connection is dropped at once.
+    if served.is_err() || matches!(reason, CloseReason::Gone | CloseReason::Stalled) {
+        outbox.discard();
         return;
     }
     let close = match &reason {
@@ -58,10 +74,12 @@ pub async fn run(
             frame::close_with(code, text)
         }
     };
+    // The batch already taken goes out first (a frame the socket accepted part of must be
+    // finished before the close frame, or the client would read the close as payload).
+    let mut last = std::mem::take(&mut batch.frames);
     // When the client's own frames end the connection (its Close, a malformed frame), the
     // replies to the messages it sent before are still queued: they go out ahead of the close
     // frame (RFC 6455 5.5.1 lets an endpoint finish sending first), within the same bound.
-    let mut last = VecDeque::new();
     if matches!(
         reason,
         CloseReason::Echo(_)
@@ -69,13 +87,28 @@ pub async fn run(
             | CloseReason::InvalidUtf8
             | CloseReason::TooBig
     ) {
-        outbox.take(&mut last);
+        let mut queued = VecDeque::new();
+        outbox.take(&mut queued);
+        last.append(&mut queued);
     }
+    drop(batch);
     last.push_back(close);
-    let sent = bounded(outbox, grace, write_frames(&mut sink, &mut last)).await;
-    if sent.is_ok() {
+    outbox.discard();
+    outbox.hold(last.iter().map(Bytes::len).sum());
+    let sent = tokio::time::timeout(grace, write_all(&mut sink, outbox, &mut last)).await;
+    outbox.discard();
+    if matches!(sent, Ok(Ok(()))) {
         let _ = tokio::time::timeout(CLOSE_WAIT.min(grace), peer_closed.cancelled()).await;
     }
+}
+
+/// What woke the writer.
+enum Event {
+    Ping,
+    Idle,
+    Stall,
+    Wrote(io::Result<usize>),
+    Ready,
 }
 
 /// Writes until the connection starts closing.
@@ -84,34 +117,49 @@ async fn serve(
     outbox: &Outbox,
     liveness: &Liveness,
     node: &Node,
+    batch: &mut Batch,
 ) -> Result<(), Abort> {
     let limits = &node.limits;
-    let grace = limits.pong_timeout;
     let idle_limit = limits.ping_interval + limits.pong_timeout;
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     let mut idle = pin!(sleep(idle_limit));
-    let mut batch = VecDeque::new();
+    // The stall deadline is `progress + idle_limit`; the timer is only moved when it fires
+    // early, so a write costs no timer update.
+    let mut stall = pin!(sleep(idle_limit));
+    let mut progress = Instant::now();
     loop {
         if outbox.is_closing() {
             return Ok(());
         }
-        outbox.take(&mut batch);
-        if !batch.is_empty() {
-            bounded(outbox, grace, write_frames(sink, &mut batch)).await?;
-            if batch.capacity() > KEEP_SLOTS {
-                batch.shrink_to(KEEP_SLOTS);
+        if batch.frames.is_empty() {
+            if batch.frames.capacity() > KEEP_SLOTS {
+                batch.frames.shrink_to(KEEP_SLOTS);
+            }
+            outbox.take(&mut batch.frames);
+            if !batch.frames.is_empty() {
+                // Frames wait from now: the socket gets the whole limit to take them.
+                progress = Instant::now();
             }
         }
+        let pending = !batch.frames.is_empty();
         // Timers first: they are ready only when due, and a connection that always has frames
-        // queued must still ping and still notice a silent peer. Frames queued during the
-        // write have left a wake-up, so `ready` returns at once for them.
-        tokio::select! {
+        // queued must still ping, notice a silent peer and notice a stalled socket.
+        let event = tokio::select! {
             biased;
-            _ = ping.tick() => {
-                bounded(outbox, grace, sink.write_all(&PING_FRAME)).await?;
+            _ = ping.tick() => Event::Ping,
+            _ = &mut idle => Event::Idle,
+            _ = &mut stall, if pending => Event::Stall,
+            written = write_some(sink, &batch.frames), if pending => Event::Wrote(written),
+            _ = outbox.closing(), if pending => Event::Ready,
+            _ = outbox.ready(), if !pending => Event::Ready,
+        };
+        match event {
+            Event::Ping => {
+                outbox.hold(PING_FRAME.len());
+                batch.frames.push_back(PING_FRAME);
             }
-            _ = &mut idle => {
+            Event::Idle => {
                 let deadline = liveness.last_seen() + idle_limit;
                 if Instant::now() >= deadline {
                     outbox.close(CloseReason::PongTimeout);
@@ -119,76 +167,89 @@ async fn serve(
                 }
                 idle.as_mut().reset(deadline);
             }
-            _ = outbox.ready() => {}
+            Event::Stall => {
+                let deadline = progress + idle_limit;
+                if Instant::now() >= deadline {
+                    tracing::info!(
+                        queued_bytes = outbox.queued_bytes(),
+                        mid_frame = batch.mid_frame,
+                        "closing a connection whose socket accepted nothing for ping interval + pong timeout"
+                    );
+                    outbox.close(CloseReason::Stalled);
+                    return Ok(());
+                }
+                stall.as_mut().reset(deadline);
+            }
+            Event::Wrote(written) => {
+                let written = match written {
+                    Ok(0) | Err(_) => {
+                        outbox.close(CloseReason::Gone);
+                        return Err(Abort);
+                    }
+                    Ok(n) => n,
+                };
+                batch.mid_frame = consume(&mut batch.frames, written);
+                outbox.sent(written);
+                progress = Instant::now();
+            }
+            Event::Ready => {}
         }
     }
 }
 
-/// Writes every frame of `frames`, as many per syscall as fit; leaves `frames` empty.
-async fn write_frames(sink: &mut Sink, frames: &mut VecDeque<Bytes>) -> io::Result<()> {
+/// One write of as many queued frames as fit in one syscall: accepts some bytes or none, so
+/// dropping it while pending loses nothing.
+fn write_some<'a>(
+    sink: &'a mut Sink,
+    frames: &'a VecDeque<Bytes>,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    // The iovec array lives only inside one poll, not in the connection's future; a lone frame
+    // (the common case for a subscriber that keeps up) needs none.
+    poll_fn(move |cx| {
+        if frames.len() == 1 {
+            return Pin::new(&mut *sink).poll_write(cx, &frames[0]);
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
+            *slot = IoSlice::new(frame);
+            count += 1;
+        }
+        Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
+    })
+}
+
+/// Writes every frame of `frames` (closing time: no timers to race but the caller's bound).
+async fn write_all(
+    sink: &mut Sink,
+    outbox: &Outbox,
+    frames: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
     while !frames.is_empty() {
-        // The iovec array lives only inside one poll, not in the connection's future; a lone
-        // frame (the common case for a subscriber that keeps up) needs none.
-        let written = poll_fn(|cx| {
-            if frames.len() == 1 {
-                return Pin::new(&mut *sink).poll_write(cx, &frames[0]);
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
-                *slot = IoSlice::new(frame);
-                count += 1;
-            }
-            Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
-        })
-        .await?;
+        let written = write_some(sink, frames).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         consume(frames, written);
+        outbox.sent(written);
     }
     Ok(())
 }
 
-/// Drops the first `written` bytes of the queued frames.
-fn consume(frames: &mut VecDeque<Bytes>, mut written: usize) {
+/// Drops the first `written` bytes of the queued frames; true when that ends inside a frame.
+fn consume(frames: &mut VecDeque<Bytes>, mut written: usize) -> bool {
     while written > 0 {
         let Some(front) = frames.front_mut() else {
-            return;
+            return false;
         };
         if written < front.len() {
             front.advance(written);
-            return;
+            return true;
         }
         written -= front.len();
         frames.pop_front();
     }
-}
-
-/// Runs a write; once the connection is closing it gets at most `grace` more. The deadline is
-/// only set up when the write does not complete at once, which is the rare case.
-async fn bounded<F>(outbox: &Outbox, grace: Duration, write: F) -> Result<(), Abort>
-where
-    F: Future<Output = io::Result<()>>,
-{
-    let mut write = pin!(write);
-    let result = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-        Poll::Ready(result) => result,
-        Poll::Pending => {
-            let deadline = async {
-                outbox.closing().await;
-                sleep(grace).await;
-            };
-            tokio::select! {
-                result = write => result,
-                _ = deadline => return Err(Abort),
-            }
-        }
-    };
-    result.map_err(|_| {
-        outbox.close(CloseReason::Gone);
-        Abort
-    })
+    false
 }
 
 #[cfg(test)]
@@ -201,11 +262,11 @@ mod tests {
             .into_iter()
             .map(Bytes::from_static)
             .collect();
-        consume(&mut frames, 4);
+        assert!(consume(&mut frames, 4));
         assert_eq!(frames, [&b"e"[..], b"fgh"]);
-        consume(&mut frames, 1);
+        assert!(!consume(&mut frames, 1));
         assert_eq!(frames, [&b"fgh"[..]]);
-        consume(&mut frames, 3);
+        assert!(!consume(&mut frames, 3));
         assert!(frames.is_empty());
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! The subscription is registered in the hub *before* the history is read, so every message
 //! published after the read reaches it; until the subscribe has queued `subscribed` and its
-//! replay, the gate holds that connection's live deliveries (bounded: a connection that would
-//! hold more than its send queue is a slow consumer). [`Gate::go_live`] then flushes the held
+//! replay, the gate holds that connection's live deliveries (bounded like its queue: a
+//! connection that would hold more than its send budget, in frames or bytes, is a slow consumer). [`Gate::go_live`] then flushes the held
 //! messages newer than the last offset sent and drops the others, and keeps dropping late
 //! duplicates (a message the read already returned may still be on its way through pub/sub)
 //! until the first newer positioned message passes; from then on the gate is a single atomic
@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::conn::{CloseReason, Outbox, Push};
+use crate::conn::{Budget, CloseReason, Outbox, Push};
 use crate::history::Position;
 
 /// Holds, then filters, one subscription's live deliveries.
@@ -33,19 +33,24 @@ type Held = (Option<(u64, Box<str>)>, Bytes);
 
 #[derive(Debug)]
 enum State {
-    /// Before `go_live`: frames held in arrival order with their position.
-    Holding { held: Vec<Held>, limit: usize },
+    /// Before `go_live`: frames held in arrival order with their position, and their bytes.
+    Holding {
+        held: Vec<Held>,
+        bytes: usize,
+        limit: Budget,
+    },
     /// After `go_live`: drop positioned messages of `epoch` up to `last`.
     Live { epoch: Box<str>, last: u64 },
 }
 
 impl Gate {
-    /// A gate holding at most `limit` messages.
-    pub fn new(limit: usize) -> Self {
+    /// A gate holding at most `limit` (the connection's send budget: frames and bytes).
+    pub fn new(limit: Budget) -> Self {
         Gate {
             open: AtomicBool::new(false),
             state: Mutex::new(State::Holding {
                 held: Vec::new(),
+                bytes: 0,
                 limit,
             }),
         }
@@ -63,11 +68,12 @@ impl Gate {
         }
         let mut state = self.lock();
         match &mut *state {
-            State::Holding { held, limit } => {
-                if held.len() >= *limit {
+            State::Holding { held, bytes, limit } => {
+                if held.len() >= limit.frames || *bytes + frame.len() > limit.bytes {
                     outbox.close(CloseReason::SlowConsumer);
                     return Push::Full;
                 }
+                *bytes += frame.len();
                 let position = position.map(|p| (p.offset, Box::from(p.epoch)));
                 held.push((position, frame.clone()));
                 Push::Queued
@@ -130,7 +136,14 @@ mod tests {
             user: None,
             info: None,
         };
-        Outbox::new(1, member, 100)
+        Outbox::new(
+            1,
+            member,
+            crate::conn::Budget {
+                frames: 100,
+                bytes: usize::MAX,
+            },
+        )
     }
 
     fn at(offset: u64) -> Option<Position<'static>> {
@@ -146,7 +159,7 @@ mod tests {
     #[test]
     fn held_messages_merge_by_offset_and_late_duplicates_are_dropped() {
         let o = outbox();
-        let gate = Gate::new(10);
+        let gate = Gate::new(frames(10));
         let f = |n: u8| Bytes::from(vec![n]);
         gate.pass(&o, &f(4), at(4));
         gate.pass(&o, &f(0), None);
@@ -164,7 +177,7 @@ mod tests {
     #[test]
     fn a_duplicate_arriving_after_going_live_is_dropped() {
         let o = outbox();
-        let gate = Gate::new(10);
+        let gate = Gate::new(frames(10));
         gate.go_live(&o, "e", 3);
         let f = Bytes::from_static(b"x");
         assert_eq!(gate.pass(&o, &f, at(3)), Push::Closed);
@@ -186,11 +199,32 @@ mod tests {
     #[test]
     fn holding_more_than_the_limit_is_a_slow_consumer() {
         let o = outbox();
-        let gate = Gate::new(2);
+        let gate = Gate::new(frames(2));
         let f = Bytes::from_static(b"x");
         assert_eq!(gate.pass(&o, &f, at(1)), Push::Queued);
         assert_eq!(gate.pass(&o, &f, at(2)), Push::Queued);
         assert_eq!(gate.pass(&o, &f, at(3)), Push::Full);
         assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+    }
+
+    #[test]
+    fn holding_more_bytes_than_the_budget_is_a_slow_consumer() {
+        let o = outbox();
+        let gate = Gate::new(Budget {
+            frames: 100,
+            bytes: 10,
+        });
+        let f = Bytes::from_static(b"12345");
+        assert_eq!(gate.pass(&o, &f, at(1)), Push::Queued);
+        assert_eq!(gate.pass(&o, &f, at(2)), Push::Queued);
+        assert_eq!(gate.pass(&o, &f, at(3)), Push::Full);
+        assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+    }
+
+    fn frames(frames: usize) -> Budget {
+        Budget {
+            frames,
+            bytes: usize::MAX,
+        }
     }
 }
