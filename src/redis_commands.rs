@@ -156,7 +156,7 @@ fn key_slot(cmd: &Cmd) -> Option<u16> {
 
 enum Backend {
     Single(Pool),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// The node's command connection to Redis.
@@ -219,7 +219,10 @@ impl RedisCommands {
             });
         }
         let client = builder.build().map_err(|e| Error::Redis(e.to_string()))?;
-        Ok(Self::from_backend(Backend::Cluster(client), timeout))
+        Ok(Self::from_backend(
+            Backend::Cluster(Box::new(client)),
+            timeout,
+        ))
     }
 
     fn from_backend(backend: Backend, timeout: Duration) -> Self {

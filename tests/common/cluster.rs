@@ -69,7 +69,7 @@ fn free_cluster_port(taken: &[u16]) -> u16 {
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        if p >= 55535 || p < 1024 || p == 6379 || taken.contains(&p) {
+        if !(1024..55535).contains(&p) || p == 6379 || taken.contains(&p) {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
