@@ -252,3 +252,44 @@ async fn every_gauge_returns_to_zero_after_a_mixed_session() {
     settle(&node, "pubgate_connections", 0.0).await;
     gauges_zero(&node).await;
 }
+
+#[tokio::test]
+async fn a_slow_but_reading_client_gets_a_replay_longer_than_the_pong_deadline() {
+    let node = ready_node(Config {
+        history_size: 6000,
+        ping_interval: Duration::from_millis(1000),
+        pong_timeout: Duration::from_millis(1500),
+        ..budget_config()
+    })
+    .await;
+    let n = 6000;
+    let epoch = fill(&node, "big", n, 4000).await;
+    let mut c = node.client().await;
+    c.send(json!({"type":"subscribe","channel":"big","id":1,"since":{"epoch":epoch,"offset":0}}))
+        .await;
+    let s = c.recv().await;
+    assert_eq!(s["recovered"], true, "{s}");
+    // Reads on (answering pings) at about 3 MB/s, slower than the node could send: the replay
+    // (24 MB, more than the kernel's socket buffers hold) keeps the node's reader waiting for
+    // room longer than ping interval + pong timeout, while the socket keeps accepting bytes.
+    let started = Instant::now();
+    for i in 1..=n as u64 {
+        let m = c.recv().await;
+        assert_eq!(m["offset"], i, "{m}");
+        if i % 5 == 0 {
+            tokio::time::sleep(Duration::from_millis(6)).await;
+        }
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let p = c.request(json!({"type":"ping","id":2})).await;
+    assert_eq!(p["type"], "pong");
+    assert_eq!(
+        node.metric("pubgate_disconnects_total{reason=\"pong_timeout\"}")
+            .await,
+        Some(0.0)
+    );
+}
