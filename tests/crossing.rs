@@ -227,6 +227,20 @@ async fn every_gauge_returns_to_zero_after_a_mixed_session() {
     // b sees a's leave of `a`.
     let l = next_of(&mut b, "leave").await;
     assert_eq!(l["member"]["conn_id"], a.conn_id(), "{l}");
+    // Nothing of `a` reaches a any more: neither messages nor events.
+    let r = b
+        .request(json!({"type":"publish","channel":"a","data":"after","id":"p"}))
+        .await;
+    assert_eq!(r["offset"], 1, "{r}");
+    let mut d = Client::connect_bearer(&url, &all).await;
+    d.send(json!({"type":"subscribe","channel":"a","id":"d"}))
+        .await;
+    assert_eq!(next_of(&mut d, "subscribed").await["type"], "subscribed");
+    assert_eq!(
+        next_of(&mut b, "join").await["member"]["conn_id"],
+        d.conn_id()
+    );
+    assert_eq!(a.recv_within(QUIET).await, None);
     // A slow consumer: c never reads while b floods `b` with large messages.
     let mut c = Client::connect_bearer(&url, &all).await;
     c.send(json!({"type":"subscribe","channel":"b","id":"s","presence_events":true}))
@@ -248,7 +262,7 @@ async fn every_gauge_returns_to_zero_after_a_mixed_session() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     tokio::time::sleep(QUIET).await;
-    drop((a, b, c));
+    drop((a, b, c, d));
     settle(&node, "pubgate_connections", 0.0).await;
     gauges_zero(&node).await;
 }
@@ -292,4 +306,63 @@ async fn a_slow_but_reading_client_gets_a_replay_longer_than_the_pong_deadline()
             .await,
         Some(0.0)
     );
+}
+
+const API_KEY: &str = "crossing-api-key-0123456789";
+
+async fn api_post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: apikey {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    common::http_request(addr, &request).await
+}
+
+#[tokio::test]
+async fn the_api_on_the_internal_listener_publishes_with_offsets_and_disconnects_on_two_nodes() {
+    let redis = RedisServer::start().await;
+    let prefix = format!("x{:08x}:", rand_u32());
+    let config = || Config {
+        redis_url: Some(redis.url()),
+        channel_prefix: prefix.clone(),
+        history_size: 10,
+        jwt_secret: Some(tokens::SECRET.into()),
+        api_key: Some(API_KEY.into()),
+        internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    };
+    let a = ready_node(config()).await;
+    let b = ready_node(config()).await;
+    let ia = a.internal.unwrap();
+    let alice = token(json!(["news"]));
+    let mut on_a = Client::connect_bearer(&a.ws_url(), &alice).await;
+    let mut on_b = Client::connect_bearer(&b.ws_url(), &alice).await;
+    for c in [&mut on_a, &mut on_b] {
+        let r = c
+            .request(json!({"type":"subscribe","channel":"news","presence_events":true}))
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+    }
+    // The client address knows nothing of the API, key or not.
+    let (status, _) = api_post(a.addr, "/api/publish", r#"{"channel":"news","data":1}"#).await;
+    assert_eq!(status, 404);
+    let (status, body) = api_post(ia, "/api/publish", r#"{"channel":"news","data":1}"#).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"offset":1}"#));
+    for c in [&mut on_a, &mut on_b] {
+        let m = next_of(c, "message").await;
+        assert_eq!(m["offset"], 1, "{m}");
+    }
+    let (status, _) = api_post(ia, "/api/disconnect", r#"{"user":"alice"}"#).await;
+    assert_eq!(status, 200);
+    for c in [&mut on_a, &mut on_b] {
+        let frame = c.expect_close().await;
+        assert_eq!(common::close_code(&frame), Some(1008));
+    }
+    for node in [&a, &b] {
+        settle(node, "pubgate_connections", 0.0).await;
+        gauges_zero(node).await;
+    }
+    assert_eq!(redis.numsub(&format!("{prefix}news")).await, 0);
+    assert_eq!(redis.numsub(&format!("{prefix}__presence:news")).await, 0);
 }
