@@ -366,3 +366,41 @@ async fn the_api_on_the_internal_listener_publishes_with_offsets_and_disconnects
     assert_eq!(redis.numsub(&format!("{prefix}news")).await, 0);
     assert_eq!(redis.numsub(&format!("{prefix}__presence:news")).await, 0);
 }
+
+#[tokio::test]
+async fn a_recovery_larger_than_the_send_budget_survives_live_traffic() {
+    let node = ready_node(Config {
+        history_size: 4000,
+        send_buffer: 64 * 1024,
+        ..test_config()
+    })
+    .await;
+    let n = 3000;
+    let epoch = fill(&node, "big", n, 2000).await;
+    let mut live = node.client().await;
+    let mut c = node.client().await;
+    c.send(json!({"type":"subscribe","channel":"big","id":1,"since":{"epoch":epoch,"offset":0}}))
+        .await;
+    // Live messages keep coming while the replay is sent (a few, far fewer than the budget holds).
+    let publisher = tokio::spawn(async move {
+        let blob = "z".repeat(2000);
+        for i in 0..20 {
+            live.send(json!({"type":"publish","channel":"big","data":{"live":i,"b":blob}}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        live
+    });
+    let s = c.recv().await;
+    assert_eq!(s["recovered"], true, "{s}");
+    for i in 1..=(n + 20) as u64 {
+        let m = c.recv().await;
+        assert_eq!(m["offset"], i, "{m}");
+    }
+    drop(publisher.await.unwrap());
+    assert_eq!(
+        node.metric("pubgate_disconnects_total{reason=\"slow_consumer\"}")
+            .await,
+        Some(0.0)
+    );
+}
