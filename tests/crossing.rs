@@ -404,3 +404,68 @@ async fn a_recovery_larger_than_the_send_budget_survives_live_traffic() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn recovery_and_presence_events_together_and_the_events_toggle() {
+    let node = ready_node(Config {
+        history_size: 10,
+        ..test_config()
+    })
+    .await;
+    let mut p = node.client().await;
+    let r = p
+        .request(json!({"type":"publish","channel":"t","data":1,"id":1}))
+        .await;
+    let offset = r["offset"].as_u64().unwrap();
+    let s = p
+        .request(json!({"type":"history","channel":"t","id":2}))
+        .await;
+    let epoch = s["epoch"].as_str().unwrap().to_owned();
+    p.request(json!({"type":"publish","channel":"t","data":2,"id":3}))
+        .await;
+    let mut a = node.client().await;
+    a.send(
+        json!({"type":"subscribe","channel":"t","id":1,"presence_events":true,
+        "since":{"epoch":epoch,"offset":offset}}),
+    )
+    .await;
+    let s = a.recv().await;
+    assert_eq!(
+        (s["type"].as_str(), s["recovered"].as_bool()),
+        (Some("subscribed"), Some(true)),
+        "{s}"
+    );
+    let m = a.recv().await;
+    assert_eq!(
+        (m["offset"].as_u64(), &m["data"]),
+        (Some(offset + 1), &json!(2)),
+        "{m}"
+    );
+    let mut b = node.client().await;
+    let r = b
+        .request(json!({"type":"subscribe","channel":"t","id":9}))
+        .await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    let j = a.recv().await;
+    assert_eq!(
+        (j["type"].as_str(), j["member"]["conn_id"].as_str()),
+        (Some("join"), Some(b.conn_id())),
+        "{j}"
+    );
+    // Toggle the events off with a re-subscribe (position reported, nothing replayed).
+    let s = a
+        .request(json!({"type":"subscribe","channel":"t","id":2,
+            "since":{"epoch":epoch,"offset":0}}))
+        .await;
+    assert_eq!(
+        (s["type"].as_str(), s["recovered"].as_bool()),
+        (Some("subscribed"), Some(false)),
+        "{s}"
+    );
+    assert_eq!(s["offset"], offset + 1);
+    drop(b);
+    assert_eq!(a.recv_within(QUIET).await, None);
+    drop((a, p));
+    settle(&node, "pubgate_connections", 0.0).await;
+    gauges_zero(&node).await;
+}
