@@ -148,6 +148,8 @@ pub struct Outbox {
     closed_wake: Notify,
     /// Set by [`Outbox::close`]; read on every push and writer wake-up.
     closed: AtomicBool,
+    /// Set while [`Outbox::push`] waits for room: the reader is then not reading the client.
+    waiting: AtomicBool,
     /// The first reason given wins.
     reason: OnceLock<CloseReason>,
 }
@@ -164,6 +166,7 @@ impl Outbox {
             room: Notify::new(),
             closed_wake: Notify::new(),
             closed: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             reason: OnceLock::new(),
         }
     }
@@ -192,6 +195,14 @@ impl Outbox {
     /// larger than the whole byte budget is let in once nothing else is queued or in flight, so
     /// it cannot wait forever.
     pub async fn push(&self, frame: Bytes) -> bool {
+        /// Clears the waiting flag however the push ends (returned or dropped).
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
@@ -209,8 +220,14 @@ impl Outbox {
                     return true;
                 }
             }
+            self.waiting.store(true, Ordering::Relaxed);
             room.await;
         }
+    }
+
+    /// Whether a reply is waiting for room (see [`Outbox::push`]).
+    pub fn reply_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Sets the pong to send for a client ping's `payload` (at most 125 bytes, checked by the
