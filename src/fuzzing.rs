@@ -226,7 +226,7 @@ impl Harness {
 ///   125 bytes or a text frame of a JSON object with a known `type`;
 /// - the close reason and the number of replies (one per data message) are those of a reference
 ///   model of RFC 6455 framing ([`reference`]), with between one pong and one per ping when the
-///   client pinged (pongs coalesce to the latest ping); only a slow-consumer close (the
+///   client pinged (at most a few unanswered pongs are kept: the latest); only a slow-consumer close (the
 ///   connection's own deliveries filling its queue) may cut that short.
 pub fn read_connection(bytes: &[u8]) {
     HARNESS.with(|h| h.runtime.block_on(connection(&h.node, bytes)));
@@ -379,8 +379,8 @@ struct Expected {
     reason: CloseReason,
     /// Replies owed before it.
     answers: usize,
-    /// Pings before it: answered by at least one pong and at most one each (pongs coalesce to
-    /// the latest ping not yet answered).
+    /// Pings before it: answered by at least one pong and at most one each (at most
+    /// `MAX_PENDING_PONGS` unanswered pongs are kept, the latest).
     pings: usize,
 }
 

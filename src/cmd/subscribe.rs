@@ -38,6 +38,18 @@ pub async fn apply<'a>(
             ));
         }
     }
+    // Already live with history on: the position is read before anything changes, so a failed
+    // read leaves the subscription and its events flag as they were.
+    let known_snapshot = match (&session.node.history, known) {
+        (Some(_), true) => Some(
+            session
+                .node
+                .history_read(channel, Read::State)
+                .await
+                .map_err(|e| broker_failed(id, "subscribe", &e))?,
+        ),
+        _ => None,
+    };
     let watching = session.watched.contains(channel);
     if presence_events && !watching {
         // Recorded first, like the channel below: the session's cleanup undoes a partial step.
@@ -69,13 +81,8 @@ pub async fn apply<'a>(
         }
         .encode());
     }
-    if known {
+    if let Some(snapshot) = known_snapshot {
         // Already live: report the position, replay nothing (the client has the messages).
-        let snapshot = session
-            .node
-            .history_read(channel, Read::State)
-            .await
-            .map_err(|e| broker_failed(id, "subscribe", &e))?;
         return Ok(Reply::Subscribed {
             channel,
             id,

@@ -5,8 +5,10 @@
 //! or too many bytes not yet accepted by the socket) means the client is not keeping up, so the
 //! connection is closed as a slow consumer and fan-out to everyone else goes on. Replies use
 //! [`Outbox::push`], which waits for room: a client that sends requests without reading replies
-//! only stops its own reader. Pongs are coalesced into one slot ([`Outbox::pong`]): a ping flood
-//! against a closed window holds one pong, not a backlog (RFC 6455 5.5.3).
+//! only stops its own reader. Pongs wait in a small bounded set ([`Outbox::pong`]): each ping
+//! gets its pong while at most [`MAX_PENDING_PONGS`] are unanswered, beyond that only the latest
+//! ones are kept, so a ping flood against a closed window holds a few pongs, not a backlog
+//! (RFC 6455 5.5.3 allows answering only the most recent ping).
 //!
 //! The byte count covers every frame from the moment it is queued until the socket has accepted
 //! its last byte, the writer's batch in flight included, so it is what the node holds for the
@@ -110,13 +112,19 @@ pub enum Push {
     Closed,
 }
 
+/// Unanswered client pings kept for their pongs; older ones are dropped beyond it. Enough for
+/// a client that sends a burst of pings and expects each answered (the Autobahn TestSuite's
+/// cases 2.10 and 2.11 send 10), small enough that a flood pins about 2 KiB.
+pub const MAX_PENDING_PONGS: usize = 16;
+
 /// What the mutex guards.
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
-    /// The payload of the latest client ping not yet answered: kept in place, so a ping flood
-    /// allocates nothing; the pong frame is built when the writer takes it.
-    pong: Option<PingPayload>,
+    /// Payloads of the latest client pings not yet answered, oldest first, at most
+    /// [`MAX_PENDING_PONGS`]: kept in place (a flood allocates nothing past the first ping);
+    /// the pong frames are built when the writer takes them.
+    pongs: VecDeque<PingPayload>,
 }
 
 /// A control frame payload (at most 125 bytes).
@@ -148,6 +156,8 @@ pub struct Outbox {
     closed_wake: Notify,
     /// Set by [`Outbox::close`]; read on every push and writer wake-up.
     closed: AtomicBool,
+    /// Set while [`Outbox::push`] waits for room: the reader is then not reading the client.
+    waiting: AtomicBool,
     /// The first reason given wins.
     reason: OnceLock<CloseReason>,
 }
@@ -164,6 +174,7 @@ impl Outbox {
             room: Notify::new(),
             closed_wake: Notify::new(),
             closed: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             reason: OnceLock::new(),
         }
     }
@@ -192,6 +203,14 @@ impl Outbox {
     /// larger than the whole byte budget is let in once nothing else is queued or in flight, so
     /// it cannot wait forever.
     pub async fn push(&self, frame: Bytes) -> bool {
+        /// Clears the waiting flag however the push ends (returned or dropped).
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
@@ -209,13 +228,19 @@ impl Outbox {
                     return true;
                 }
             }
+            self.waiting.store(true, Ordering::Relaxed);
             room.await;
         }
     }
 
-    /// Sets the pong to send for a client ping's `payload` (at most 125 bytes, checked by the
-    /// reader), replacing one not yet taken by the writer: a client gets a pong for its latest
-    /// ping, and a ping flood holds one frame and allocates nothing. Never waits.
+    /// Whether a reply is waiting for room (see [`Outbox::push`]).
+    pub fn reply_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Queues the pong for a client ping's `payload` (at most 125 bytes, checked by the
+    /// reader). With [`MAX_PENDING_PONGS`] already waiting the oldest is dropped: a client always
+    /// gets a pong for its latest ping, and a ping flood holds a few small frames. Never waits.
     pub fn pong(&self, payload: &[u8]) {
         if self.is_closing() {
             return;
@@ -229,11 +254,14 @@ impl Outbox {
         let mut queue = self.lock();
         // A pong frame is its payload plus a 2-byte header.
         self.bytes.fetch_add(len + 2, Ordering::Relaxed);
-        let wake = queue.frames.is_empty() && queue.pong.is_none();
-        if let Some(old) = queue.pong.replace(ping) {
-            self.bytes
-                .fetch_sub(old.len as usize + 2, Ordering::Relaxed);
+        let wake = queue.frames.is_empty() && queue.pongs.is_empty();
+        if queue.pongs.len() >= MAX_PENDING_PONGS {
+            if let Some(old) = queue.pongs.pop_front() {
+                self.bytes
+                    .fetch_sub(old.len as usize + 2, Ordering::Relaxed);
+            }
         }
+        queue.pongs.push_back(ping);
         drop(queue);
         if wake {
             self.ready.notify_one();
@@ -243,7 +271,7 @@ impl Outbox {
     fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, frame: Bytes) {
         self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
         queue.frames.push_back(frame);
-        let first = queue.frames.len() == 1 && queue.pong.is_none();
+        let first = queue.frames.len() == 1 && queue.pongs.is_empty();
         drop(queue);
         if first {
             self.ready.notify_one();
@@ -272,7 +300,7 @@ impl Outbox {
     pub fn discard(&self) {
         let mut queue = self.lock();
         queue.frames = VecDeque::new();
-        queue.pong = None;
+        queue.pongs = VecDeque::new();
         self.bytes.store(0, Ordering::Release);
     }
 
@@ -287,7 +315,9 @@ impl Outbox {
         debug_assert!(into.is_empty());
         let mut queue = self.lock();
         std::mem::swap(&mut queue.frames, into);
-        if let Some(ping) = queue.pong.take() {
+        // Pongs first, in the order of their pings; the set's allocation is freed, since pings
+        // are rare and an idle connection should hold nothing.
+        for ping in std::mem::take(&mut queue.pongs).iter().rev() {
             into.push_front(super::frame::pong(&ping.bytes[..ping.len as usize]));
         }
         drop(queue);
@@ -463,17 +493,35 @@ mod tests {
 
     #[tokio::test]
     async fn pongs_coalesce_to_the_latest() {
-        let o = with_budget(100, 1000);
+        let o = with_budget(100, 10_000);
         for i in 0..1000u32 {
             o.pong(i.to_string().as_bytes());
         }
-        assert_eq!(o.queued_bytes(), 5);
+        // The last MAX_PENDING_PONGS pings, 984..=999: 3-byte payloads + 2-byte headers.
+        assert_eq!(o.queued_bytes(), MAX_PENDING_PONGS * 5);
         assert!(within(o.ready()).await.is_some(), "the writer was woken");
         o.try_push(Bytes::from_static(b"m"));
         let mut taken = VecDeque::new();
         o.take(&mut taken);
-        assert_eq!(taken, [&b"\x8a\x03999"[..], b"m"]);
+        assert_eq!(taken.len(), MAX_PENDING_PONGS + 1);
+        assert_eq!(taken[0], &b"\x8a\x03984"[..]);
+        assert_eq!(taken[MAX_PENDING_PONGS - 1], &b"\x8a\x03999"[..]);
+        assert_eq!(taken[MAX_PENDING_PONGS], &b"m"[..]);
         o.discard();
         assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_pings_gets_every_pong_in_order() {
+        let o = with_budget(100, 10_000);
+        for i in 0..10u32 {
+            o.pong(i.to_string().as_bytes());
+        }
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        let expected: Vec<Vec<u8>> = (0..10u32)
+            .map(|i| [&[0x8a, 1][..], i.to_string().as_bytes()].concat())
+            .collect();
+        assert_eq!(taken, expected);
     }
 }

@@ -99,9 +99,9 @@ pub async fn run<R: AsyncRead + Unpin>(
             continue;
         }
         let fail = match frame.opcode {
-            // The library has already refused a Ping over 125 bytes. Pongs coalesce to the
-            // latest ping (RFC 6455 5.5.3): a ping flood against a closed window holds one pong,
-            // and the writer's stall deadline ends it.
+            // The library has already refused a Ping over 125 bytes. Each ping gets its pong
+            // while at most MAX_PENDING_PONGS wait (then only the latest ones, RFC 6455 5.5.3): a
+            // ping flood against a closed window holds a few pongs, and the stall deadline ends it.
             OpCode::Ping => {
                 outbox.pong(&frame.payload);
                 None

@@ -160,7 +160,14 @@ async fn serve(
                 batch.frames.push_back(PING_FRAME);
             }
             Event::Idle => {
-                let deadline = liveness.last_seen() + idle_limit;
+                let mut deadline = liveness.last_seen() + idle_limit;
+                if outbox.reply_waiting() {
+                    // The reader waits for room for a reply (a long replay to a slow reader), so
+                    // it reads nothing, the client's pongs included: silence proves nothing yet.
+                    // Frames wait meanwhile, so the stall deadline guards the socket; the client
+                    // is judged again once the reader has caught up with what it sent.
+                    deadline = deadline.max(Instant::now() + idle_limit);
+                }
                 if Instant::now() >= deadline {
                     outbox.close(CloseReason::PongTimeout);
                     return Ok(());
