@@ -72,8 +72,9 @@ PY=$VENV/bin/python
 # ---------------------------------------------------------------- docker compose
 check "docker-compose.yml matches the compose-spec schema" \
     "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
-check "docker compose config (Compose v2) accepts docker-compose.yml, with and without --profile demo" \
-    bash -c '"$0" -f docker-compose.yml config -q && "$0" -f docker-compose.yml --profile demo config -q' \
+check "docker compose config (Compose v2) accepts docker-compose.yml, with and without --profile demo or cluster" \
+    bash -c '"$0" -f docker-compose.yml config -q && "$0" -f docker-compose.yml --profile demo config -q &&
+        PUBGATE_REDIS_URL= PUBGATE_REDIS_CLUSTER_URLS=redis://redis-node-1:6379 "$0" -f docker-compose.yml --profile cluster config -q' \
     "$VENV/bin/docker-compose"
 
 # The deliberate exposure: the override opens the client port and demands a key. (This compose

@@ -41,9 +41,20 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_INTERNAL_LISTEN")]
     pub internal_listen: Option<SocketAddr>,
 
-    /// Redis URL (`redis://host:port/`). Unset: embedded single-node in-memory broker.
+    /// Redis URL (`redis://[user:password@]host:port/`, or `rediss://` for TLS). Unset (and no
+    /// cluster URLs): embedded single-node in-memory broker.
     #[arg(long, env = "PUBGATE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Comma-separated seed nodes of a Redis Cluster (`redis://host:port,redis://host:port`):
+    /// cluster mode with sharded pub/sub. Instead of `PUBGATE_REDIS_URL`, never with it.
+    #[arg(long, env = "PUBGATE_REDIS_CLUSTER_URLS")]
+    pub redis_cluster_urls: Option<String>,
+
+    /// PEM file of the CA that signed the Redis server certificates (`rediss://` with a private
+    /// CA). Unset: the system's trust store.
+    #[arg(long, env = "PUBGATE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Prefix of Redis channel and key names: channel `news` is `pubgate:news` on Redis.
     #[arg(long, env = "PUBGATE_CHANNEL_PREFIX", default_value = "pubgate:")]
@@ -184,6 +195,8 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             internal_listen: None,
             redis_url: None,
+            redis_cluster_urls: None,
+            redis_ca_file: None,
             channel_prefix: "pubgate:".into(),
             node_id: None,
             ping_interval: Duration::from_secs(25),
@@ -325,6 +338,38 @@ impl Config {
             redis::Client::open(url.as_str())
                 .map_err(|e| ConfigError::invalid("PUBGATE_REDIS_URL", e.to_string()))?;
         }
+        if let Some(urls) = &self.redis_cluster_urls {
+            if self.redis_url.is_some() {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_REDIS_CLUSTER_URLS",
+                    "set either PUBGATE_REDIS_URL (one Redis) or PUBGATE_REDIS_CLUSTER_URLS \
+                     (Redis Cluster), not both",
+                ));
+            }
+            let seeds = self.cluster_seeds();
+            if seeds.is_empty() {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_REDIS_CLUSTER_URLS",
+                    format!("`{urls}` names no seed node"),
+                ));
+            }
+            for seed in seeds {
+                redis::Client::open(seed.as_str()).map_err(|e| {
+                    ConfigError::invalid("PUBGATE_REDIS_CLUSTER_URLS", format!("`{seed}`: {e}"))
+                })?;
+            }
+        }
+        if let Some(path) = &self.redis_ca_file {
+            if self.redis_url.is_none() && self.redis_cluster_urls.is_none() {
+                return Err(ConfigError::invalid(
+                    "PUBGATE_REDIS_CA_FILE",
+                    "is set but neither PUBGATE_REDIS_URL nor PUBGATE_REDIS_CLUSTER_URLS is",
+                ));
+            }
+            std::fs::metadata(path).map_err(|e| {
+                ConfigError::invalid("PUBGATE_REDIS_CA_FILE", format!("{}: {e}", path.display()))
+            })?;
+        }
         let keys = [
             self.jwt_secret.is_some(),
             self.jwt_public_key_file.is_some(),
@@ -419,6 +464,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether the node uses Redis (one server or a cluster) rather than the memory broker.
+    pub fn uses_redis(&self) -> bool {
+        self.redis_url.is_some() || self.redis_cluster_urls.is_some()
+    }
+
+    /// The seed URLs of `PUBGATE_REDIS_CLUSTER_URLS`, trimmed, empty entries dropped.
+    pub fn cluster_seeds(&self) -> Vec<String> {
+        self.redis_cluster_urls
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The node id: the configured one, or the hostname plus a short random suffix.
@@ -603,6 +665,48 @@ mod tests {
         }
         .validate()
         .unwrap();
+    }
+
+    #[test]
+    fn redis_modes_are_exclusive_and_checked() {
+        let err = |cfg: Config| cfg.validate().unwrap_err().to_string();
+        let both = err(Config {
+            redis_url: Some("redis://a:6379/".into()),
+            redis_cluster_urls: Some("redis://b:6379".into()),
+            ..Config::default()
+        });
+        assert!(both.contains("PUBGATE_REDIS_CLUSTER_URLS") && both.contains("not both"));
+        let empty = err(Config {
+            redis_cluster_urls: Some(" , ".into()),
+            ..Config::default()
+        });
+        assert!(empty.contains("no seed node"), "{empty}");
+        let bad = err(Config {
+            redis_cluster_urls: Some("redis://a:1, nonsense://".into()),
+            ..Config::default()
+        });
+        assert!(bad.contains("nonsense://"), "{bad}");
+        let cfg = Config {
+            redis_cluster_urls: Some("redis://a:7000, rediss://u:p@b:7001 ,".into()),
+            ..Config::default()
+        };
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.cluster_seeds(),
+            ["redis://a:7000", "rediss://u:p@b:7001"]
+        );
+        assert!(cfg.uses_redis());
+        let ca_alone = err(Config {
+            redis_ca_file: Some("/ca.pem".into()),
+            ..Config::default()
+        });
+        assert!(ca_alone.contains("PUBGATE_REDIS_CA_FILE"), "{ca_alone}");
+        let ca_missing = err(Config {
+            redis_url: Some("rediss://a:6379/".into()),
+            redis_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Config::default()
+        });
+        assert!(ca_missing.contains("/nonexistent/ca.pem"), "{ca_missing}");
     }
 
     #[test]

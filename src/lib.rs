@@ -41,6 +41,7 @@ mod node;
 mod origin;
 pub mod presence;
 mod protocol;
+pub mod redis_client;
 pub mod redis_commands;
 mod server;
 mod shutdown;

@@ -41,8 +41,16 @@ fn main() -> ExitCode {
         let url = url.unwrap_or_else(|| pubgate::health::default_url(&cli.config));
         return runtime.block_on(health(&url));
     }
-    init_tracing(cli.config.log_format);
-    match runtime.block_on(pubgate::run(cli.config, shutdown_signal())) {
+    let mut config = cli.config;
+    // An empty PUBGATE_REDIS_URL or PUBGATE_REDIS_CLUSTER_URLS counts as unset, so a compose file
+    // can pick the mode by interpolation (docker-compose.yml, profile `cluster`).
+    for value in [&mut config.redis_url, &mut config.redis_cluster_urls] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            *value = None;
+        }
+    }
+    init_tracing(config.log_format);
+    match runtime.block_on(pubgate::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "pubgate failed");

@@ -16,7 +16,10 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 
 use crate::auth::Auth;
-use crate::broker::{Broker, MemoryBroker, MessageSink, RedisBroker, RedisBrokerOptions};
+use crate::broker::{
+    Broker, ClusterBroker, ClusterBrokerOptions, MemoryBroker, MessageSink, RedisBroker,
+    RedisBrokerOptions,
+};
 use crate::config::Config;
 use crate::conn::Outbox;
 use crate::control::{self, Router};
@@ -119,9 +122,46 @@ impl Node {
             hub: hub.clone(),
             users: users.clone(),
         });
+        let ca = crate::redis_client::read_ca(config.redis_ca_file.as_deref())?;
+        let seeds = config.cluster_seeds();
         let history_on = config.history_size > 0;
         let mut history: Option<Arc<dyn History>> = None;
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis_url {
+            None if !seeds.is_empty() => {
+                let commands = Arc::new(RedisCommands::cluster(
+                    &seeds,
+                    ca.as_deref(),
+                    config.redis_timeout,
+                )?);
+                let template = crate::redis_client::open(seeds[0].as_str(), ca.as_deref())
+                    .map_err(|e| Error::Redis(e.to_string()))?
+                    .get_connection_info()
+                    .clone();
+                let options = ClusterBrokerOptions {
+                    template,
+                    prefix: config.channel_prefix.clone(),
+                    node_id: id.clone(),
+                    probe_interval: config.broker_probe_interval,
+                    timeout: config.redis_timeout,
+                    positioned: history_on,
+                };
+                if history_on {
+                    let options = RedisHistoryOptions {
+                        prefix: config.channel_prefix.clone(),
+                        size: config.history_size,
+                        ttl: config.history_ttl,
+                    };
+                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
+                }
+                let broker = ClusterBroker::start(options, commands.clone(), sink, metrics.clone());
+                let presence = RedisPresence::new(
+                    commands,
+                    config.channel_prefix.clone(),
+                    config.presence_ttl,
+                    id.clone(),
+                );
+                (Arc::new(broker), Arc::new(presence))
+            }
             None => {
                 if history_on {
                     history = Some(Arc::new(MemoryHistory::new(
@@ -135,9 +175,14 @@ impl Node {
                 (broker, Arc::new(presence))
             }
             Some(url) => {
-                let commands = Arc::new(RedisCommands::new(url, config.redis_timeout)?);
+                let commands = Arc::new(RedisCommands::with_ca(
+                    url,
+                    ca.as_deref(),
+                    config.redis_timeout,
+                )?);
                 let options = RedisBrokerOptions {
                     url: url.clone(),
+                    ca,
                     prefix: config.channel_prefix.clone(),
                     node_id: id.clone(),
                     probe_interval: config.broker_probe_interval,
@@ -202,7 +247,7 @@ impl Node {
             next_key: AtomicU64::new(1),
         });
         control::subscribe(&node).await;
-        if config.redis_url.is_some() {
+        if config.uses_redis() {
             tokio::spawn(heartbeat(
                 Arc::downgrade(&node),
                 RedisPresence::beat_interval(config.presence_ttl),

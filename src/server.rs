@@ -109,7 +109,13 @@ impl Server {
         tracing::info!(
             addr = %local_addr,
             node = %node.id,
-            broker = if config.redis_url.is_some() { "redis" } else { "memory" },
+            broker = if config.redis_cluster_urls.is_some() {
+                "redis-cluster"
+            } else if config.redis_url.is_some() {
+                "redis"
+            } else {
+                "memory"
+            },
             auth = %node.auth.mode(),
             tls = tls.is_some(),
             internal = ?internal.as_ref().map(|(_, addr)| *addr),

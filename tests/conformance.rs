@@ -171,6 +171,7 @@ async fn start_redis_broker_unchecked(
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let options = RedisBrokerOptions {
         url: url.to_owned(),
+        ca: None,
         prefix: prefix.to_owned(),
         node_id: format!("conf-{:08x}", rand_u32()),
         probe_interval: PROBE_INTERVAL,

@@ -6,8 +6,10 @@
 //! arrival order, to the [`MessageSink`] given at construction. Both implementations use a single
 //! delivery path: even this node's own publishes come back through the sink.
 
+mod cluster;
 mod memory;
 mod redis;
+pub mod slots;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use bytes::Bytes;
 use crate::error::BrokerError;
 use crate::history::Position;
 
+pub use self::cluster::{ClusterBroker, ClusterBrokerOptions};
 pub use self::memory::MemoryBroker;
 pub use self::redis::{RedisBroker, RedisBrokerOptions};
 

@@ -37,8 +37,10 @@ const RESUBSCRIBE_BATCH: usize = 1000;
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
 pub struct RedisBrokerOptions {
-    /// `redis://host:port/`.
+    /// `redis://[user:password@]host:port/` or `rediss://...`.
     pub url: String,
+    /// PEM CA bundle trusted for `rediss://` (`PUBGATE_REDIS_CA_FILE`); `None`: system roots.
+    pub ca: Option<Vec<u8>>,
     /// Prepended to channel names on Redis (`pubgate:`).
     pub prefix: String,
     /// Names this node's private probe channel.
@@ -91,7 +93,7 @@ impl RedisBroker {
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, crate::Error> {
-        let client = redis::Client::open(options.url.as_str())
+        let client = crate::redis_client::open(options.url.as_str(), options.ca.as_deref())
             .map_err(|e| crate::Error::Redis(e.to_string()))?;
         let probe_channel = format!("{}__probe:{}", options.prefix, options.node_id);
         let shared = Arc::new(Shared {

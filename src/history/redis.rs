@@ -52,13 +52,25 @@ struct Inner {
 impl RedisHistory {
     /// Builds the library source and starts loading it in the background.
     pub fn new(commands: Arc<RedisCommands>, options: RedisHistoryOptions) -> Self {
+        let cluster = commands.is_cluster();
         let version = format!(
-            "pubgate-library r{LIBRARY_REVISION} prefix={} size={} ttl_ms={}",
+            "pubgate-library r{LIBRARY_REVISION} prefix={} size={} ttl_ms={}{}",
             options.prefix,
             options.size,
-            options.ttl.as_millis()
+            options.ttl.as_millis(),
+            if cluster { " sharded" } else { "" }
         );
-        let source = LIBRARY
+        // In a Redis Cluster the message goes out with SPUBLISH (sharded pub/sub): its channel is
+        // the function's key, so it is in the slot the function runs on.
+        let library = if cluster {
+            LIBRARY.replace(
+                "redis.call('PUBLISH', channel,",
+                "redis.call('SPUBLISH', channel,",
+            )
+        } else {
+            LIBRARY.to_owned()
+        };
+        let source = library
             .replace("__VERSION__", &lua_escape(&version))
             .replace("__PREFIX__", &lua_escape(&options.prefix))
             .replace("__SIZE__", &options.size.to_string())
@@ -95,16 +107,21 @@ fn missing_function(e: &BrokerError) -> bool {
 impl Inner {
     /// Loads the library unless the loaded one has this node's version string.
     async fn ensure_loaded(&self) -> Result<(), BrokerError> {
-        let loaded = self
-            .commands
-            .run(|mut c| async move {
-                redis::cmd("FCALL")
-                    .arg("pubgate_version")
-                    .arg(0)
-                    .query_async::<String>(&mut c)
-                    .await
-            })
-            .await;
+        // In a cluster the version check would ask one random node; FUNCTION LOAD REPLACE goes to
+        // every master (redis-rs routes it so), which is what a cluster needs, and is idempotent.
+        let loaded = if self.commands.is_cluster() {
+            Err(BrokerError::Down)
+        } else {
+            self.commands
+                .run(|mut c| async move {
+                    redis::cmd("FCALL")
+                        .arg("pubgate_version")
+                        .arg(0)
+                        .query_async::<String>(&mut c)
+                        .await
+                })
+                .await
+        };
         match loaded {
             Ok(v) if v == self.version => return Ok(()),
             Ok(other) => tracing::error!(
@@ -114,6 +131,7 @@ impl Inner {
                  every node of a deployment must share PUBGATE_CHANNEL_PREFIX and the history settings"
             ),
             Err(e) if missing_function(&e) => {}
+            Err(BrokerError::Down) if self.commands.is_cluster() => {}
             Err(e) => return Err(e),
         }
         let source = self.source.clone();

@@ -37,6 +37,10 @@ pub struct RedisPresence {
     /// How long a reaper may hold a dead node's lock.
     lock_ms: u64,
     scripts: Scripts,
+    /// Script sources as loaded: in cluster mode they SPUBLISH their events (sharded pub/sub).
+    sources: Vec<String>,
+    /// Redis Cluster: events go to the sharded name of the events channel.
+    cluster: bool,
 }
 
 struct Scripts {
@@ -68,6 +72,20 @@ impl RedisPresence {
         node_id: String,
     ) -> Self {
         let ttl_ms = ttl.as_millis().max(3) as u64;
+        let cluster = commands.is_cluster();
+        // In a cluster the events are published with SPUBLISH on a shard channel in the slot of
+        // the channel's presence key (see `broker::slots::sharded_name`), the only channel a
+        // script may publish to there.
+        let sources: Vec<String> = SOURCES
+            .iter()
+            .map(|s| {
+                if cluster {
+                    s.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+                } else {
+                    (*s).to_owned()
+                }
+            })
+            .collect();
         RedisPresence {
             commands,
             prefix,
@@ -75,14 +93,16 @@ impl RedisPresence {
             beat_ttl_ms: ttl_ms * 2 / 3,
             lock_ms: ttl_ms.max(5000),
             scripts: Scripts {
-                add: Script::new(SOURCES[0]),
-                remove: Script::new(SOURCES[1]),
-                list: Script::new(SOURCES[2]),
-                heartbeat: Script::new(SOURCES[3]),
-                claim: Script::new(SOURCES[4]),
-                reap: Script::new(SOURCES[5]),
-                finish: Script::new(SOURCES[6]),
+                add: Script::new(&sources[0]),
+                remove: Script::new(&sources[1]),
+                list: Script::new(&sources[2]),
+                heartbeat: Script::new(&sources[3]),
+                claim: Script::new(&sources[4]),
+                reap: Script::new(&sources[5]),
+                finish: Script::new(&sources[6]),
             },
+            sources,
+            cluster,
         }
     }
 
@@ -96,7 +116,11 @@ impl RedisPresence {
     }
 
     fn events_key(&self, channel: &str) -> String {
-        format!("{}{EVENTS_PREFIX}{channel}", self.prefix)
+        if self.cluster {
+            crate::broker::slots::sharded_name(&self.prefix, &format!("{EVENTS_PREFIX}{channel}"))
+        } else {
+            format!("{}{EVENTS_PREFIX}{channel}", self.prefix)
+        }
     }
 
     fn nodes_key(&self) -> String {
@@ -159,7 +183,7 @@ impl RedisPresence {
 
     async fn load_scripts(&self) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
-        for source in SOURCES {
+        for source in &self.sources {
             pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
         }
         self.query::<()>(&pipe).await

@@ -106,9 +106,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
 
-    /// Redis of an external gateway (--url), for --publish-via redis.
+    /// Redis of an external gateway (--url), for --publish-via redis; with spawned nodes, the
+    /// Redis they use instead of a private one.
     #[arg(long)]
     pub redis_url: Option<String>,
+
+    /// Seed URLs (comma list) of a Redis Cluster: spawned nodes run in cluster mode on it
+    /// (PUBGATE_REDIS_CLUSTER_URLS) and Redis publishing uses SPUBLISH, routed by slot.
+    #[arg(long)]
+    pub redis_cluster: Option<String>,
 
     /// The gateway's PUBGATE_CHANNEL_PREFIX.
     #[arg(long, default_value = "pubgate:")]

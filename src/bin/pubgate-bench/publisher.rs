@@ -10,6 +10,8 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
 use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
 
+use pubgate::redis_commands::CommandConnection;
+
 use crate::client::{self, now_ns, starts_with_type, Prefixed, Target};
 use crate::ipc::channel_name;
 
@@ -38,10 +40,13 @@ pub struct Acks {
 
 pub enum Publisher {
     Redis {
-        conn: redis::aio::MultiplexedConnection,
+        /// One Redis, or a cluster (a pipeline is split per slot by pubgate's command connection).
+        conn: CommandConnection,
         prefix: String,
         /// History on: `FCALL pubgate_publish` instead of `PUBLISH`.
         fcall: bool,
+        /// Cluster: `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`.
+        sharded: bool,
     },
     Ws {
         conns: Vec<WsWrite>,
@@ -63,9 +68,34 @@ impl Publisher {
         .map_err(|_| "redis connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
         Ok(Publisher::Redis {
-            conn,
+            conn: CommandConnection::Single(conn),
             prefix: prefix.to_string(),
             fcall,
+            sharded: false,
+        })
+    }
+
+    /// Publishes on a Redis Cluster known by its comma-separated seed URLs.
+    pub async fn redis_cluster(
+        seeds: &str,
+        prefix: &str,
+        fcall: bool,
+    ) -> Result<Publisher, String> {
+        let seeds: Vec<&str> = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = redis::cluster::ClusterClient::new(seeds).map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), client.get_async_connection())
+            .await
+            .map_err(|_| "redis cluster connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(Publisher::Redis {
+            conn: CommandConnection::Cluster(conn),
+            prefix: prefix.to_string(),
+            fcall,
+            sharded: true,
         })
     }
 
@@ -155,6 +185,7 @@ impl Publisher {
                         conn,
                         prefix,
                         fcall,
+                        sharded,
                     } => {
                         let mut pipe = redis::pipe();
                         for _ in 0..burst {
@@ -169,7 +200,8 @@ impl Publisher {
                                     .arg(data.as_bytes())
                                     .ignore();
                             } else {
-                                pipe.cmd("PUBLISH").arg(key).arg(data.as_bytes()).ignore();
+                                let cmd = if *sharded { "SPUBLISH" } else { "PUBLISH" };
+                                pipe.cmd(cmd).arg(key).arg(data.as_bytes()).ignore();
                             }
                             out.per_channel[c] += 1;
                             seq += 1;

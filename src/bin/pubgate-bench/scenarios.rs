@@ -222,14 +222,16 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
             redis_url: args.redis_url.clone(),
         });
     }
-    let redis = if nodes > 1 {
+    let external = args.redis_url.is_some() || args.redis_cluster.is_some();
+    let redis = if nodes > 1 && !external {
         Some(Redis::start().await?)
     } else {
         None
     };
+    let node_redis_url = redis.as_ref().map(Redis::url).or(args.redis_url.clone());
     let mut opts = NodeOptions {
         bin: spawn::pubgate_bin(args.pubgate_bin.as_deref()),
-        redis_url: redis.as_ref().map(Redis::url),
+        redis_url: node_redis_url.clone(),
         send_queue: plan.send_queue(),
         ping_interval: args.ping_interval.clone(),
         extra_env: args
@@ -245,6 +247,11 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
     if args.history_size > 0 {
         opts.extra_env
             .push(("PUBGATE_HISTORY_SIZE".into(), args.history_size.to_string()));
+    }
+    if let Some(seeds) = &args.redis_cluster {
+        opts.redis_url = None;
+        opts.extra_env
+            .push(("PUBGATE_REDIS_CLUSTER_URLS".into(), seeds.clone()));
     }
     if !opts.bin.exists() {
         return Err(format!(
@@ -270,7 +277,7 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
     Ok(Servers {
         urls: spawned.iter().map(Spawned::ws_url).collect(),
         probe: Probe::Pids(spawned.iter().map(|s| s.pid).collect()),
-        redis_url: redis.as_ref().map(Redis::url),
+        redis_url: node_redis_url,
         spawned,
         redis,
     })
@@ -353,6 +360,10 @@ async fn measure(
     if plan.scenario.publishes() {
         let p = match (target, args.publish_via, &servers.redis_url) {
             (Target::Baseline, _, _) => Publisher::ws(&servers.urls, 1, true).await?,
+            (_, PublishVia::Redis | PublishVia::Auto, _) if args.redis_cluster.is_some() => {
+                let seeds = args.redis_cluster.as_deref().unwrap_or_default();
+                Publisher::redis_cluster(seeds, &args.channel_prefix, args.history_size > 0).await?
+            }
             (_, PublishVia::Redis, None) => {
                 return Err("--publish-via redis needs --redis-url or --nodes > 1".into())
             }
