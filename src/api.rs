@@ -24,7 +24,7 @@ use crate::control::CONTROL_CHANNEL;
 use crate::error::BrokerError;
 use crate::http::Body;
 use crate::node::Node;
-use crate::protocol::{reject_reserved, validate_channel};
+use crate::protocol::{present, reject_reserved, validate_channel};
 
 /// An error answer, boxed: responses are large and the happy path should not carry one.
 type Failure = Box<Response<Body>>;
@@ -87,7 +87,8 @@ fn authorized(req: &Request<Incoming>, key: &str) -> bool {
 struct PublishBody<'a> {
     #[serde(borrow)]
     channel: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Present even when `null` (any JSON is a valid `data`, as in a client publish).
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
 }
 

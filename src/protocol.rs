@@ -154,7 +154,9 @@ struct RawSince<'a> {
 }
 
 /// A present field, even `null` (serde would read `null` into `None`, losing `"data": null`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
 

@@ -124,6 +124,19 @@ async fn publish_presence_disconnect(a: &TestNode, b: &TestNode, history: bool) 
         assert!(got.get("offset").is_none());
     }
 
+    // `null` is a JSON value like any other: published, delivered as `null`.
+    let (status, body) = post(
+        a.addr,
+        "/api/publish",
+        &json!({"channel":channel,"data":null}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let got = sub.recv().await;
+    assert_eq!(got["type"], "message");
+    assert_eq!(got["data"], Value::Null);
+    assert!(got.as_object().unwrap().contains_key("data"));
+
     let (status, body) = call(
         a.addr,
         "GET",
@@ -135,6 +148,26 @@ async fn publish_presence_disconnect(a: &TestNode, b: &TestNode, history: bool) 
     assert_eq!(status, 200);
     assert_eq!(body["count"], 1);
     assert_eq!(body["members"][0]["conn_id"], sub.conn_id());
+    assert!(body.get("truncated").is_none(), "{body}");
+    let (status, body) = call(
+        a.addr,
+        "GET",
+        &format!("/api/presence?channel={channel}&count_only=true"),
+        Some(KEY),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"channel":channel,"count":1}));
+    let (status, _) = call(
+        a.addr,
+        "GET",
+        &format!("/api/presence?channel={channel}&count_only=maybe"),
+        Some(KEY),
+        "",
+    )
+    .await;
+    assert_eq!(status, 400);
 
     // 400s: bad bodies and channels, reserved names included.
     for bad in [
