@@ -290,6 +290,27 @@ impl RedisCommands {
         }
     }
 
+    /// Publishes `payload` on the Redis channel `channel` with `command`: `PUBLISH`, or
+    /// `SPUBLISH` for a shard channel in cluster mode. Returns the number of receivers.
+    pub async fn publish<P>(
+        &self,
+        command: &'static str,
+        channel: String,
+        payload: P,
+    ) -> Result<i64, BrokerError>
+    where
+        P: deadpool_redis::redis::ToRedisArgs,
+    {
+        self.run(|mut c| async move {
+            deadpool_redis::redis::cmd(command)
+                .arg(channel)
+                .arg(payload)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Runs one command, pipeline or script on the shared connection, bounded by the timeout.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where

@@ -533,12 +533,7 @@ async fn serve_shard(shared: &Arc<Shared>, shard: &Arc<Shard>, failures: &mut u3
                 let shared = shared.clone();
                 // Published from its own task so pushes keep being handled meanwhile.
                 tokio::spawn(async move {
-                    let _ = shared
-                        .commands
-                        .run(|mut c| async move {
-                            redis::cmd("SPUBLISH").arg(channel).arg(seq).query_async::<i64>(&mut c).await
-                        })
-                        .await;
+                    let _ = shared.commands.publish("SPUBLISH", channel, seq).await;
                 });
             }
             _ = shard.stop.cancelled() => return "stopped",
@@ -615,13 +610,7 @@ impl Broker for ClusterBroker {
         let name = self.shared.prefixed(channel);
         self.shared
             .commands
-            .run(|mut c| async move {
-                redis::cmd("SPUBLISH")
-                    .arg(name)
-                    .arg(payload.as_ref())
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
+            .publish("SPUBLISH", name, payload.as_ref())
             .await
             .map(|_| ())
     }

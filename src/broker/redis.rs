@@ -269,12 +269,7 @@ async fn serve_connection(shared: &Arc<Shared>, was_up: &mut bool, failures: &mu
                 tokio::spawn(async move {
                     for _ in 0..2 {
                         let channel = shared.probe_channel.clone();
-                        let sent = shared
-                            .commands
-                            .run(|mut c| async move {
-                                redis::cmd("PUBLISH").arg(channel).arg(seq).query_async::<i64>(&mut c).await
-                            })
-                            .await;
+                        let sent = shared.commands.publish("PUBLISH", channel, seq).await;
                         if sent.is_ok() {
                             break;
                         }
@@ -328,13 +323,7 @@ impl Broker for RedisBroker {
         let name = self.shared.prefixed(channel);
         self.shared
             .commands
-            .run(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(name)
-                    .arg(payload.as_ref())
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
+            .publish("PUBLISH", name, payload.as_ref())
             .await
             .map(|_| ())
     }

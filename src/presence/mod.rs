@@ -53,16 +53,31 @@ pub trait Presence: Send + Sync + 'static {
     /// A member that was not present yet is announced with a join; returns whether it was.
     async fn add(&self, channel: &str, member: &Member) -> Result<bool, BrokerError>;
 
-    /// Removes a connection from one channel; gone from `list` on every node once it returns.
-    /// A member that was present is announced with a leave; returns how many leaves (0 or 1).
-    async fn remove(&self, channel: &str, conn_id: &str) -> Result<usize, BrokerError>;
+    /// Removes (channel, conn_id) pairs at once, grouped by channel (pipelined on Redis); each
+    /// member that was present is announced with a leave and is gone from `list` on every node
+    /// once this returns. Returns how many leaves. The three methods below are its shapes.
+    async fn remove_pairs(&self, pairs: &[(&str, &str)]) -> Result<usize, BrokerError>;
+
+    /// Removes a connection from one channel; returns how many leaves (0 or 1).
+    async fn remove(&self, channel: &str, conn_id: &str) -> Result<usize, BrokerError> {
+        self.remove_pairs(&[(channel, conn_id)]).await
+    }
 
     /// Removes a closing connection from all its channels in one call; returns the leaves.
-    async fn remove_all(&self, conn_id: &str, channels: &[String]) -> Result<usize, BrokerError>;
+    async fn remove_all(&self, conn_id: &str, channels: &[String]) -> Result<usize, BrokerError> {
+        let pairs: Vec<(&str, &str)> = channels.iter().map(|c| (c.as_str(), conn_id)).collect();
+        self.remove_pairs(&pairs).await
+    }
 
-    /// Removes many (channel, member) pairs at once, grouped by channel and pipelined: a
-    /// draining node's members. Returns the leaves announced.
-    async fn remove_members(&self, members: &[(String, Member)]) -> Result<usize, BrokerError>;
+    /// Removes many (channel, member) pairs at once: a draining node's members. Returns the
+    /// leaves announced.
+    async fn remove_members(&self, members: &[(String, Member)]) -> Result<usize, BrokerError> {
+        let pairs: Vec<(&str, &str)> = members
+            .iter()
+            .map(|(c, m)| (c.as_str(), m.conn_id.as_str()))
+            .collect();
+        self.remove_pairs(&pairs).await
+    }
 
     /// The exact member count of `channel` and at most `max` members (`0`: the count only).
     async fn list(&self, channel: &str, max: usize) -> Result<Listing, BrokerError>;

@@ -260,7 +260,7 @@ impl RedisPresence {
         .await
     }
 
-    async fn remove_pairs<'a>(
+    async fn remove_iter<'a>(
         &self,
         pairs: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> Result<usize, BrokerError> {
@@ -293,22 +293,8 @@ impl Presence for RedisPresence {
         Ok(joins > 0)
     }
 
-    async fn remove(&self, channel: &str, conn_id: &str) -> Result<usize, BrokerError> {
-        self.remove_pairs(std::iter::once((channel, conn_id))).await
-    }
-
-    async fn remove_all(&self, conn_id: &str, channels: &[String]) -> Result<usize, BrokerError> {
-        self.remove_pairs(channels.iter().map(|c| (c.as_str(), conn_id)))
-            .await
-    }
-
-    async fn remove_members(&self, members: &[(String, Member)]) -> Result<usize, BrokerError> {
-        self.remove_pairs(
-            members
-                .iter()
-                .map(|(c, m)| (c.as_str(), m.conn_id.as_str())),
-        )
-        .await
+    async fn remove_pairs(&self, pairs: &[(&str, &str)]) -> Result<usize, BrokerError> {
+        self.remove_iter(pairs.iter().copied()).await
     }
 
     async fn list(&self, channel: &str, max: usize) -> Result<Listing, BrokerError> {
