@@ -24,7 +24,7 @@ use crate::control::CONTROL_CHANNEL;
 use crate::error::BrokerError;
 use crate::http::Body;
 use crate::node::Node;
-use crate::protocol::{present, reject_reserved, validate_channel};
+use crate::wire::protocol::{present, reject_reserved, validate_channel};
 
 /// An error answer, boxed: responses are large and the happy path should not carry one.
 type Failure = Box<Response<Body>>;

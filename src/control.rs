@@ -13,12 +13,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::broker::MessageSink;
-use crate::conn::CloseReason;
-use crate::history::Position;
+use crate::broker::Position;
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::presence::is_events_channel;
 use crate::users::Users;
+use crate::wire::CloseReason;
 
 /// The control channel's name (without the node's channel prefix).
 pub const CONTROL_CHANNEL: &str = "__control";
@@ -99,10 +99,10 @@ async fn retry(node: Weak<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Budget;
-    use crate::conn::Outbox;
     use crate::metrics::Metrics;
     use crate::presence::Member;
+    use crate::wire::Budget;
+    use crate::wire::Outbox;
 
     fn outbox(key: u64, user: &str) -> Arc<Outbox> {
         let member = Member {

@@ -25,12 +25,12 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Identity, Permissions};
-use crate::cmd::Session;
 use crate::config::Config;
-use crate::conn::{reader, CloseReason, Liveness, Mode, Outbox};
+use crate::conn::{reader, Liveness, Mode};
 use crate::node::Node;
-use crate::presence::Member;
-use crate::protocol::{self, Command, ErrorCode, Reply};
+use crate::session::Session;
+use crate::wire::protocol::{self, Command, ErrorCode, Reply};
+use crate::wire::{CloseReason, Member, Outbox};
 
 /// Largest message of the fuzzing node: small, so inputs of a few KiB reach the size paths.
 pub const MAX_MESSAGE_SIZE: usize = 1024;

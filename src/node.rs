@@ -21,19 +21,20 @@ use crate::broker::{
     RedisBrokerOptions,
 };
 use crate::config::Config;
-use crate::conn::Outbox;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
 use crate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot};
-use crate::hub::{channel_slot, Gate, Hub};
+use crate::hub::{Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
 use crate::presence::{
     events_channel, is_events_channel, EventKind, Listing, MemoryPresence, Presence, RedisPresence,
 };
 use crate::redis_commands::RedisCommands;
+use crate::shard;
 use crate::shutdown::Drain;
 use crate::users::Users;
+use crate::wire::Outbox;
 
 const CHANNEL_LOCKS: usize = 1024;
 
@@ -61,8 +62,8 @@ pub struct Limits {
 
 impl Limits {
     /// One connection's send budget.
-    pub fn budget(&self) -> crate::conn::Budget {
-        crate::conn::Budget {
+    pub fn budget(&self) -> crate::wire::Budget {
+        crate::wire::Budget {
             frames: self.send_queue,
             bytes: self.send_buffer,
         }
@@ -288,7 +289,7 @@ impl Node {
     }
 
     fn channel_lock(&self, channel: &str) -> &Mutex<()> {
-        &self.channel_locks[channel_slot(channel, CHANNEL_LOCKS)]
+        &self.channel_locks[shard::index(channel, CHANNEL_LOCKS)]
     }
 
     /// Makes `outbox` a local subscriber of `key` (a channel, or a channel's events channel):

@@ -6,16 +6,12 @@
 //! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
 //! server's ping timer, the dead-peer and stall deadlines and the final close frame; its writes
 //! are raced against those deadlines, which the reader's never are. fastwebsockets parses
-//! the client's frames; the server's frames are encoded by [`frame`], once per message.
+//! the client's frames; the server's frames are encoded by [`crate::wire::frame`], once per message.
 
 mod capped;
-pub(crate) mod frame;
-mod outbox;
 mod rate;
 pub(crate) mod reader;
 mod writer;
-
-pub use outbox::{Budget, CloseReason, Outbox, Push};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Identity;
-use crate::cmd::Session;
 use crate::node::Node;
-use crate::presence::Member;
-use crate::protocol::Reply;
+use crate::session::Session;
+use crate::wire::protocol::Reply;
+use crate::wire::{Member, Outbox};
 
 /// The upgraded HTTP connection.
 pub type Io = TokioIo<Upgraded>;

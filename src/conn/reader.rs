@@ -12,11 +12,12 @@ use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
-#[cfg(feature = "autobahn")]
-use super::frame;
 use super::rate::{MessageRate, Verdict};
-use super::{CloseReason, Liveness, Mode};
-use crate::cmd::Session;
+use super::{Liveness, Mode};
+use crate::session::Session;
+#[cfg(feature = "autobahn")]
+use crate::wire::frame;
+use crate::wire::CloseReason;
 
 /// A fragmented message being reassembled.
 struct Partial {

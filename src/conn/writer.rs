@@ -1,6 +1,6 @@
 //! The writing side: the only place that writes to the socket.
 //!
-//! The queue holds complete frames (see [`super::frame`]), so the writer takes everything queued
+//! The queue holds complete frames (see [`crate::wire::frame`]), so the writer takes everything queued
 //! at once and hands it to vectored writes straight from the shared `Bytes`: no copy, and as many
 //! frames per syscall as have piled up. Each write is one `poll_write`, which either accepts bytes
 //! or accepts none, so it is raced against the timers without losing anything: the server's ping,
@@ -22,9 +22,10 @@ use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{self, PING_FRAME};
-use super::{CloseReason, Io, Liveness, Outbox};
+use super::{Io, Liveness};
 use crate::node::Node;
+use crate::wire::frame::{self, PING_FRAME};
+use crate::wire::{CloseReason, Outbox};
 
 /// Frames handed to one vectored write: enough to amortise the syscall, small enough that
 /// building the array on every poll stays cheap.

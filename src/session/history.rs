@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
-use crate::protocol::{encode_history, ErrorCode, Rejection};
+use crate::wire::protocol::{encode_history, ErrorCode, Rejection};
 
 pub async fn apply<'a>(
     session: &mut Session,

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::Session;
 use crate::auth::Identity;
-use crate::protocol::{ErrorCode, Rejection, Reply};
+use crate::wire::protocol::{ErrorCode, Rejection, Reply};
 
 pub async fn apply<'a>(
     session: &mut Session,

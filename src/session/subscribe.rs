@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
-use crate::protocol::{encode_delivery_at, ErrorCode, Rejection, Reply, Since};
+use crate::wire::protocol::{encode_delivery_at, ErrorCode, Rejection, Reply, Since};
 
 pub async fn apply<'a>(
     session: &mut Session,
@@ -106,7 +106,13 @@ async fn subscribe_with_history<'a>(
     let gate = match node.subscribe_gated(&session.outbox, channel).await {
         Ok(Some(gate)) => gate,
         // Not in the session's set but in the hub: cannot happen (the session owns both).
-        Ok(None) => return Err(broker_failed(id, "subscribe", &crate::BrokerError::Down)),
+        Ok(None) => {
+            return Err(broker_failed(
+                id,
+                "subscribe",
+                &crate::error::BrokerError::Down,
+            ))
+        }
         Err(e) => {
             session.channels.remove(channel);
             session.unwatch_presence(channel).await;

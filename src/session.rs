@@ -18,10 +18,10 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use crate::auth::{expiry, Identity, Permissions};
-use crate::conn::Outbox;
 use crate::error::BrokerError;
 use crate::node::Node;
-use crate::protocol::{parse_request, Command, ErrorCode, Rejection, Reply};
+use crate::wire::protocol::{parse_request, Command, ErrorCode, Rejection, Reply};
+use crate::wire::Outbox;
 
 /// Per-connection state the commands work on; owned by the connection's reader.
 pub struct Session {
