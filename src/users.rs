@@ -112,7 +112,7 @@ impl Users {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::Member;
+    use crate::wire::Member;
 
     fn outbox(key: u64) -> Arc<Outbox> {
         let member = Member {

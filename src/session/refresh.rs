@@ -17,7 +17,7 @@ pub async fn apply<'a>(
     token: &str,
 ) -> Result<Bytes, Rejection<'a>> {
     let forbidden = |why: String| Rejection::new(id, ErrorCode::Forbidden, why);
-    let Some(verifier) = session.node.auth.verifier() else {
+    let Some(verifier) = session.node.auth().verifier() else {
         return Err(forbidden(
             "refresh is not available: connections are anonymous".into(),
         ));
