@@ -20,17 +20,15 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::control::CONTROL_CHANNEL;
 use crate::error::BrokerError;
-use crate::http::Body;
 use crate::node::Node;
-use crate::protocol::{present, reject_reserved, validate_channel};
+use crate::wire::protocol::{present, reject_reserved, validate_channel};
 
 /// An error answer, boxed: responses are large and the happy path should not carry one.
-type Failure = Box<Response<Body>>;
+type Failure = Box<Response<Full<Bytes>>>;
 
 /// Answers one request under `/api/`.
-pub async fn handle(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
+pub async fn handle(req: Request<Incoming>, node: Arc<Node>) -> Response<Full<Bytes>> {
     let route = match req.uri().path() {
         "/api/publish" => "publish",
         "/api/disconnect" => "disconnect",
@@ -38,15 +36,15 @@ pub async fn handle(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
         _ => "other",
     };
     let response = answer(req, &node, route).await;
-    node.metrics
+    node.metrics()
         .api_requests
         .with_label_values(&[route, response.status().as_str()])
         .inc();
     response
 }
 
-async fn answer(req: Request<Incoming>, node: &Node, route: &str) -> Response<Body> {
-    let Some(key) = node.api_key.as_deref() else {
+async fn answer(req: Request<Incoming>, node: &Node, route: &str) -> Response<Full<Bytes>> {
+    let Some(key) = node.api_key() else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     if !authorized(&req, key) {
@@ -92,7 +90,7 @@ struct PublishBody<'a> {
     data: Option<&'a RawValue>,
 }
 
-async fn publish(req: Request<Incoming>, node: &Node) -> Response<Body> {
+async fn publish(req: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
     let body = match read_body(req, node).await {
         Ok(body) => body,
         Err(response) => return *response,
@@ -125,7 +123,7 @@ struct DisconnectBody<'a> {
     user: Option<&'a RawValue>,
 }
 
-async fn disconnect(req: Request<Incoming>, node: &Node) -> Response<Body> {
+async fn disconnect(req: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
     let body = match read_body(req, node).await {
         Ok(body) => body,
         Err(response) => return *response,
@@ -144,21 +142,16 @@ async fn disconnect(req: Request<Incoming>, node: &Node) -> Response<Body> {
             "field `user` must be a string",
         );
     };
-    if !node.broker.is_up() {
+    if !node.broker_up() {
         return broker_error(&BrokerError::Down);
     }
-    let message = serde_json::json!({"type": "disconnect", "user": user}).to_string();
-    match node
-        .broker
-        .publish(CONTROL_CHANNEL, Bytes::from(message))
-        .await
-    {
+    match node.disconnect_user(&user).await {
         Ok(()) => json(StatusCode::OK, "{}".to_owned()),
         Err(e) => broker_error(&e),
     }
 }
 
-async fn presence(req: &Request<Incoming>, node: &Node) -> Response<Body> {
+async fn presence(req: &Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
     let query = || form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes());
     let channel = query()
         .find(|(k, _)| k == "channel")
@@ -205,7 +198,7 @@ async fn presence(req: &Request<Incoming>, node: &Node) -> Response<Body> {
 
 /// The body, at most `PUBGATE_MAX_MESSAGE_SIZE` bytes (413 beyond).
 async fn read_body(req: Request<Incoming>, node: &Node) -> Result<Bytes, Failure> {
-    let limit = node.limits.max_message_size;
+    let limit = node.limits().max_message_size;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
@@ -253,7 +246,7 @@ fn channel_field(value: Option<&RawValue>) -> Result<String, Failure> {
     Ok(channel)
 }
 
-fn broker_error(e: &BrokerError) -> Response<Body> {
+fn broker_error(e: &BrokerError) -> Response<Full<Bytes>> {
     match e {
         BrokerError::Timeout(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
@@ -273,12 +266,12 @@ fn broker_error(e: &BrokerError) -> Response<Body> {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({"error": code, "message": message});
     json(status, body.to_string())
 }
 
-fn not_allowed(allow: &'static str) -> Response<Body> {
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     let mut response = error(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -290,7 +283,7 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     response
 }
 
-fn json(status: StatusCode, body: String) -> Response<Body> {
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
@@ -299,7 +292,7 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response

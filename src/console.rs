@@ -14,7 +14,6 @@ use http_body_util::Full;
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
-use crate::http::Body;
 use crate::node::Node;
 
 /// The page, its script and style, and the client package (the same bytes npm users import).
@@ -47,9 +46,9 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
 
 /// Answers a path equal to `/console` or under `/console/`; `get` is whether the method is GET
 /// or HEAD.
-pub fn respond(node: &Node, path: &str, get: bool) -> Response<Body> {
+pub fn respond(node: &Node, path: &str, get: bool) -> Response<Full<Bytes>> {
     let file = FILES.iter().find(|(p, _, _)| *p == path);
-    let Some((_, content_type, body)) = file.filter(|_| node.console) else {
+    let Some((_, content_type, body)) = file.filter(|_| node.console()) else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     if !get {
@@ -83,7 +82,7 @@ pub fn respond(node: &Node, path: &str, get: bool) -> Response<Body> {
     response
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(

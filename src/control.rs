@@ -6,19 +6,18 @@
 //! index and everything else to the hub. Clients can never reach this channel: names starting
 //! with `__` are refused before any command runs.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::broker::MessageSink;
-use crate::conn::CloseReason;
-use crate::history::Position;
+use crate::broker::Position;
+use crate::broker::{Broker, MessageSink};
 use crate::hub::Hub;
-use crate::node::Node;
 use crate::presence::is_events_channel;
 use crate::users::Users;
+use crate::wire::CloseReason;
 
 /// The control channel's name (without the node's channel prefix).
 pub const CONTROL_CHANNEL: &str = "__control";
@@ -59,20 +58,21 @@ impl Router {
     }
 }
 
-/// Subscribes the node to the control channel: once now, then, if the broker refused (a Redis
-/// broker does while it is still connecting), in the background until it takes it. `/readyz`
-/// stays 503 until the subscription is live, so a node never takes clients before it can obey
-/// a disconnect for them. Once live, the broker restores it after every reconnect.
-pub async fn subscribe(node: &Arc<Node>) {
-    if !try_subscribe(node).await {
-        tokio::spawn(retry(Arc::downgrade(node)));
+/// Subscribes the node's broker to the control channel: once now, then, if the broker refused (a
+/// Redis broker does while it is still connecting), in the background until it takes it, and
+/// sets `live` then. `/readyz` stays 503 until the subscription is live, so a node never takes
+/// clients before it can obey a disconnect for them. Once live, the broker restores it after
+/// every reconnect.
+pub async fn subscribe(broker: &Arc<dyn Broker>, live: &Arc<AtomicBool>) {
+    if !try_subscribe(broker.as_ref(), live).await {
+        tokio::spawn(retry(Arc::downgrade(broker), Arc::downgrade(live)));
     }
 }
 
-async fn try_subscribe(node: &Node) -> bool {
-    match node.broker.subscribe(CONTROL_CHANNEL).await {
+async fn try_subscribe(broker: &dyn Broker, live: &AtomicBool) -> bool {
+    match broker.subscribe(CONTROL_CHANNEL).await {
         Ok(()) => {
-            node.control_live.store(true, Ordering::Release);
+            live.store(true, Ordering::Release);
             tracing::debug!("subscribed to the control channel");
             true
         }
@@ -83,13 +83,16 @@ async fn try_subscribe(node: &Node) -> bool {
     }
 }
 
-/// Retries with a short capped backoff (readiness waits on it); stops when the node is gone.
-async fn retry(node: Weak<Node>) {
+/// Retries with a short capped backoff (readiness waits on it); stops when the node (which
+/// holds both) is gone.
+async fn retry(broker: Weak<dyn Broker>, live: Weak<AtomicBool>) {
     let mut delay = Duration::from_millis(20);
     loop {
         tokio::time::sleep(delay).await;
-        let Some(node) = node.upgrade() else { return };
-        if try_subscribe(&node).await {
+        let (Some(broker), Some(live)) = (broker.upgrade(), live.upgrade()) else {
+            return;
+        };
+        if try_subscribe(broker.as_ref(), &live).await {
             return;
         }
         delay = (delay * 2).min(Duration::from_millis(250));
@@ -99,10 +102,8 @@ async fn retry(node: Weak<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Budget;
-    use crate::conn::Outbox;
     use crate::metrics::Metrics;
-    use crate::presence::Member;
+    use crate::wire::{Budget, Member, Outbox};
 
     fn outbox(key: u64, user: &str) -> Arc<Outbox> {
         let member = Member {

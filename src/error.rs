@@ -1,7 +1,7 @@
 //! Error types, one small enum per boundary.
 //!
-//! Expected conditions a client can cause are not errors here: they are
-//! [`crate::protocol::ErrorCode`] replies. These enums are for start-up and for the broker seam.
+//! Expected conditions a client can cause are not errors here: they are `ErrorCode` replies
+//! (in the wire protocol, a layer above). These enums are for start-up and for the broker seam.
 
 use std::time::Duration;
 

@@ -25,12 +25,12 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Identity, Permissions};
-use crate::cmd::Session;
 use crate::config::Config;
-use crate::conn::{reader, CloseReason, Liveness, Mode, Outbox};
+use crate::conn::{reader, Handler, Liveness};
 use crate::node::Node;
-use crate::presence::Member;
-use crate::protocol::{self, Command, ErrorCode, Reply};
+use crate::session::Session;
+use crate::wire::protocol::{self, Command, ErrorCode, Reply};
+use crate::wire::{CloseReason, Member, Outbox};
 
 /// Largest message of the fuzzing node: small, so inputs of a few KiB reach the size paths.
 pub const MAX_MESSAGE_SIZE: usize = 1024;
@@ -234,14 +234,6 @@ pub fn read_connection(bytes: &[u8]) {
 
 async fn connection(node: &Arc<Node>, bytes: &[u8]) {
     let expected = reference(bytes, MAX_MESSAGE_SIZE);
-    let key = node.next_key();
-    let member = Member {
-        conn_id: format!("{key:016x}"),
-        node: node.id.clone(),
-        user: Some(USER.into()),
-        info: None,
-    };
-    let outbox = Arc::new(Outbox::new(key, member, node.limits.budget()));
     let patterns = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     let identity = Identity {
         user: Some(USER.into()),
@@ -250,14 +242,23 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         info: None,
         verified_at: std::time::Instant::now(),
     };
+    let outbox = node.register(&identity);
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
+    let limits = crate::http::conn_limits(node.limits());
     let (read, _) =
         fastwebsockets::after_handshake_split(Trickle::new(bytes), tokio::io::sink(), Role::Server);
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut frames = Vec::new();
     let run = async {
-        let reader = reader::run(read, &mut session, Mode::Gateway, &liveness, &peer_closed);
+        let reader = reader::run(
+            read,
+            &mut session,
+            &outbox,
+            &limits,
+            &liveness,
+            &peer_closed,
+        );
         let writer = drain(&outbox, &peer_closed, &mut frames);
         tokio::join!(reader, writer);
     };
@@ -265,6 +266,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
         .await
         .expect("the reader ends at the end of its input");
     session.end().await;
+    node.unregister(&outbox);
     let mut rest = VecDeque::new();
     outbox.take(&mut rest);
     frames.extend(rest);
@@ -283,7 +285,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
                     .and_then(|t| serde_json::from_str(t).ok())
                     .expect("a reply has a string type");
                 match kind.as_str() {
-                    "message" => {}
+                    "message" | "welcome" => {}
                     "unsubscribed" if reply.contains_key("reason") => {}
                     "subscribed" | "unsubscribed" | "published" | "presence" | "pong"
                     | "refreshed" | "error" => answers += 1,
@@ -307,7 +309,7 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
             "{answers} replies and {pongs} pongs > {expected:?}"
         );
     }
-    let left = node.hub.members();
+    let left = node.hub().members();
     assert!(
         left.iter().all(|(_, m)| m.conn_id != outbox.conn_id()),
         "a closed session left subscriptions behind: {left:?}"

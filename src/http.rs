@@ -1,6 +1,10 @@
 //! HTTP routes: `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/*`; 404 otherwise. A build with
-//! the `autobahn` feature also has `/echo`: the same upgrade and connection code in echo mode, for
-//! the Autobahn TestSuite (`.ci/autobahn.sh`); the product binary has no such route.
+//! the `autobahn` feature also has `/echo`: the same upgrade and connection code with an echo
+//! handler, for the Autobahn TestSuite (`.ci/autobahn.sh`); the product binary has no such route.
+//!
+//! The upgrade is where a connection meets its session: [`join`] registers the connection on
+//! the node, starts its [`Session`] and hands both to the connection code, which knows neither
+//! the node nor the commands.
 //!
 //! Which routes a listener serves is its [`Surface`]: with `PUBGATE_INTERNAL_LISTEN` set, the
 //! client address serves `/ws`, `/healthz`, `/readyz` only and the internal one `/metrics`,
@@ -25,9 +29,11 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::task::TaskTracker;
 
-use crate::conn;
+use crate::auth::Identity;
+use crate::conn::{self, Io};
 use crate::console;
-use crate::node::Node;
+use crate::node::{self, Node};
+use crate::session::Session;
 
 pub type Body = Full<Bytes>;
 
@@ -75,10 +81,10 @@ pub async fn handle(
     Ok(match path {
         "/ws" if !surface.websocket() => not_found(),
         "/metrics" if !surface.operations() => not_found(),
-        "/ws" if req.method() == Method::GET => upgrade(req, node, sessions, conn::Mode::Gateway),
+        "/ws" if req.method() == Method::GET => upgrade(req, node, sessions, Endpoint::Session),
         #[cfg(feature = "autobahn")]
         "/echo" if req.method() == Method::GET && surface.websocket() => {
-            upgrade(req, node, sessions, conn::Mode::Echo)
+            upgrade(req, node, sessions, Endpoint::Echo)
         }
         "/healthz" if get => text(StatusCode::OK, "ok\n"),
         "/readyz" if get => match node.readiness() {
@@ -86,7 +92,7 @@ pub async fn handle(
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
         "/metrics" if get => {
-            let mut response = text(StatusCode::OK, node.metrics.render());
+            let mut response = text(StatusCode::OK, node.metrics().render());
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -112,12 +118,22 @@ fn not_found() -> Response<Body> {
     text(StatusCode::NOT_FOUND, "not found\n")
 }
 
+/// What an upgraded WebSocket is joined to.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    /// A session: the client's messages are commands (the product).
+    Session,
+    /// The Autobahn TestSuite's echo ([`conn::Echo`]): no welcome, each message sent back.
+    #[cfg(feature = "autobahn")]
+    Echo,
+}
+
 /// Answers a `GET /ws`: refusals in the contract's order, then the 101 and a session task.
 fn upgrade(
     req: Request<Incoming>,
     node: Arc<Node>,
     sessions: TaskTracker,
-    mode: conn::Mode,
+    endpoint: Endpoint,
 ) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut response = text(
@@ -141,7 +157,7 @@ fn upgrade(
             .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return response;
     }
-    if node.drain.is_draining() {
+    if node.drain().is_draining() {
         reject(&node, "draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
@@ -150,7 +166,7 @@ fn upgrade(
         .get::<Peer>()
         .map(|p| p.0.to_string())
         .unwrap_or_default();
-    if let (Some(allowed), Some(origin)) = (&node.origins, req.headers().get(ORIGIN)) {
+    if let (Some(allowed), Some(origin)) = (node.origins(), req.headers().get(ORIGIN)) {
         let origin = String::from_utf8_lossy(origin.as_bytes());
         if !allowed.allows(&origin) {
             reject(&node, "origin");
@@ -159,7 +175,7 @@ fn upgrade(
         }
     }
     let (parts, body) = req.into_parts();
-    let identity = match node.auth.authenticate(&parts) {
+    let identity = match node.auth().authenticate(&parts) {
         Ok(identity) => identity,
         Err(e) => {
             reject(&node, "unauthorized");
@@ -178,7 +194,7 @@ fn upgrade(
         reject(&node, "max_connections");
         tracing::info!(
             %peer,
-            max = node.limits.max_connections,
+            max = node.limits().max_connections,
             "upgrade refused: connection limit reached"
         );
         return text(
@@ -197,7 +213,7 @@ fn upgrade(
                 match upgraded.await {
                     Ok(ws) => drop(tracker.spawn(async move {
                         let _slot = slot;
-                        conn::serve(ws, node, identity, mode).await
+                        join(ws, node, identity, endpoint).await
                     })),
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
@@ -216,6 +232,37 @@ fn upgrade(
                 .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             response
         }
+    }
+}
+
+/// Joins an upgraded WebSocket to what serves it: the connection's whole life.
+async fn join(
+    ws: fastwebsockets::WebSocket<Io>,
+    node: Arc<Node>,
+    identity: Identity,
+    endpoint: Endpoint,
+) {
+    let outbox = node.register(&identity);
+    let limits = conn_limits(node.limits());
+    match endpoint {
+        Endpoint::Session => {
+            let session = Session::new(node.clone(), outbox.clone(), identity);
+            conn::serve(ws, &outbox, session, &limits, node.metrics()).await
+        }
+        #[cfg(feature = "autobahn")]
+        Endpoint::Echo => conn::serve(ws, &outbox, conn::Echo, &limits, node.metrics()).await,
+    }
+    node.unregister(&outbox);
+}
+
+/// The part of the node's limits the connection code enforces.
+pub(crate) fn conn_limits(limits: &node::Limits) -> conn::Limits {
+    conn::Limits {
+        ping_interval: limits.ping_interval,
+        pong_timeout: limits.pong_timeout,
+        max_message_size: limits.max_message_size,
+        rate_limit: limits.rate_limit,
+        rate_burst: limits.rate_burst,
     }
 }
 
@@ -243,7 +290,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 fn reject(node: &Node, reason: &str) {
-    node.metrics
+    node.metrics()
         .upgrades_rejected
         .with_label_values(&[reason])
         .inc();

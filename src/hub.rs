@@ -15,18 +15,16 @@
 //! would otherwise be copied into a frame and held by every subscriber's queue.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::broker::MessageSink;
-use crate::conn::frame;
-use crate::conn::{Outbox, Push};
-use crate::history::Position;
+use crate::broker::{MessageSink, Position};
 use crate::metrics::Metrics;
-use crate::presence::{event_conn_id, is_events_channel, Member};
-use crate::protocol::{encode_delivery, encode_delivery_at};
+use crate::presence::{event_conn_id, is_events_channel};
+use crate::shard;
+use crate::wire::protocol::{encode_delivery, encode_delivery_at};
+use crate::wire::{frame, Budget, Member, Outbox, Push};
 
 pub use self::gate::Gate;
 
@@ -57,11 +55,6 @@ pub struct Hub {
     max_payload: usize,
     /// Unix seconds of the last oversized-payload log line (rate limit).
     too_big_logged: AtomicU64,
-}
-
-/// Shard index of a channel; also used for the node's per-channel locks.
-pub fn channel_slot(channel: &str, slots: usize) -> usize {
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(channel) as usize) % slots
 }
 
 impl Hub {
@@ -108,7 +101,7 @@ impl Hub {
     }
 
     fn shard(&self, channel: &str) -> &Shard {
-        &self.shards[channel_slot(channel, SHARDS)]
+        &self.shards[shard::index(channel, SHARDS)]
     }
 
     /// Whether any local connection is subscribed to `channel`.
@@ -127,7 +120,7 @@ impl Hub {
         &self,
         channel: &str,
         outbox: &Arc<Outbox>,
-        hold: crate::conn::Budget,
+        hold: Budget,
     ) -> Option<Arc<Gate>> {
         let gate = Arc::new(Gate::new(hold));
         self.insert(channel, outbox, Some(gate.clone()))

@@ -23,7 +23,6 @@
 mod api;
 mod auth;
 pub mod broker;
-mod cmd;
 pub mod config;
 mod conn;
 mod console;
@@ -40,13 +39,15 @@ pub mod metrics;
 mod node;
 mod origin;
 pub mod presence;
-mod protocol;
 pub mod redis_client;
 pub mod redis_commands;
 mod server;
+mod session;
+mod shard;
 mod shutdown;
 mod tls;
 mod users;
+mod wire;
 
 pub use config::{Config, LogFormat};
 pub use error::{BrokerError, ConfigError, Error};

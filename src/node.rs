@@ -15,25 +15,26 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Identity};
 use crate::broker::{
     Broker, ClusterBroker, ClusterBrokerOptions, MemoryBroker, MessageSink, RedisBroker,
     RedisBrokerOptions,
 };
 use crate::config::Config;
-use crate::conn::Outbox;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
 use crate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot};
-use crate::hub::{channel_slot, Gate, Hub};
+use crate::hub::{Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
 use crate::presence::{
     events_channel, is_events_channel, EventKind, Listing, MemoryPresence, Presence, RedisPresence,
 };
 use crate::redis_commands::RedisCommands;
+use crate::shard;
 use crate::shutdown::Drain;
 use crate::users::Users;
+use crate::wire::{Budget, Member, Outbox};
 
 const CHANNEL_LOCKS: usize = 1024;
 
@@ -61,8 +62,8 @@ pub struct Limits {
 
 impl Limits {
     /// One connection's send budget.
-    pub fn budget(&self) -> crate::conn::Budget {
-        crate::conn::Budget {
+    pub fn budget(&self) -> Budget {
+        Budget {
             frames: self.send_queue,
             bytes: self.send_buffer,
         }
@@ -71,30 +72,31 @@ impl Limits {
 
 /// Shared state of one node; connections hold it as `Arc<Node>`.
 pub struct Node {
-    pub id: String,
-    pub limits: Limits,
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
-    pub presence: Arc<dyn Presence>,
+    id: String,
+    limits: Limits,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    presence: Arc<dyn Presence>,
     /// `None` with history off (`PUBGATE_HISTORY_SIZE=0`): v1 paths only.
-    pub history: Option<Arc<dyn History>>,
+    history: Option<Arc<dyn History>>,
     /// `PUBGATE_HISTORY_SIZE`: the default and largest `limit` of a `history` request.
-    pub history_size: usize,
+    history_size: usize,
     /// `PUBGATE_API_KEY`; `None`: the HTTP server API answers 404.
-    pub api_key: Option<String>,
-    pub metrics: Arc<Metrics>,
+    api_key: Option<String>,
+    metrics: Arc<Metrics>,
     /// Shared with the metrics' queued-bytes gauge, which sums the registered connections.
-    pub drain: Arc<Drain>,
+    drain: Arc<Drain>,
     /// Token verification, or anonymous mode.
-    pub auth: Auth,
+    auth: Auth,
     /// `Origin` allowlist; `None` allows any origin.
-    pub origins: Option<AllowedOrigins>,
+    origins: Option<AllowedOrigins>,
     /// Authenticated connections by user, for control disconnects.
-    pub users: Arc<Users>,
+    users: Arc<Users>,
     /// Whether `/console` is served (`PUBGATE_CONSOLE`).
-    pub console: bool,
-    /// Set once the broker took the `__control` subscription (see [`control::subscribe`]).
-    pub(crate) control_live: AtomicBool,
+    console: bool,
+    /// Set once the broker took the `__control` subscription (see [`control::subscribe`]);
+    /// shared with its retry task.
+    control_live: Arc<AtomicBool>,
     /// Admitted WebSocket connections (see [`Node::admit`]); exact, unlike the gauge, because
     /// the cap is checked against it.
     admitted: AtomicUsize,
@@ -125,8 +127,7 @@ impl Node {
         let ca = crate::redis_client::read_ca(config.redis_ca_file.as_deref())?;
         let seeds = config.cluster_seeds();
         let history_on = config.history_size > 0;
-        let mut history: Option<Arc<dyn History>> = None;
-        let (broker, presence): (Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis_url {
+        let (broker, presence, history): Stores = match &config.redis_url {
             None if !seeds.is_empty() => {
                 let commands = Arc::new(RedisCommands::cluster(
                     &seeds,
@@ -145,34 +146,21 @@ impl Node {
                     timeout: config.redis_timeout,
                     positioned: history_on,
                 };
-                if history_on {
-                    let options = RedisHistoryOptions {
-                        prefix: config.channel_prefix.clone(),
-                        size: config.history_size,
-                        ttl: config.history_ttl,
-                    };
-                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
-                }
-                let broker = ClusterBroker::start(options, commands.clone(), sink, metrics.clone());
-                let presence = RedisPresence::new(
-                    commands,
-                    config.channel_prefix.clone(),
-                    config.presence_ttl,
-                    id.clone(),
-                );
-                (Arc::new(broker), Arc::new(presence))
+                let (presence, history) = redis_stores(config, &commands, &id);
+                let broker = ClusterBroker::start(options, commands, sink, metrics.clone());
+                (Arc::new(broker), presence, history)
             }
             None => {
-                if history_on {
-                    history = Some(Arc::new(MemoryHistory::new(
+                let history = history_on.then(|| {
+                    Arc::new(MemoryHistory::new(
                         sink.clone(),
                         config.history_size,
                         config.history_ttl,
-                    )));
-                }
+                    )) as Arc<dyn History>
+                });
                 let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(sink));
                 let presence = MemoryPresence::with_events(broker.clone());
-                (broker, Arc::new(presence))
+                (broker, Arc::new(presence), history)
             }
             Some(url) => {
                 let commands = Arc::new(RedisCommands::with_ca(
@@ -189,22 +177,9 @@ impl Node {
                     timeout: config.redis_timeout,
                     positioned: history_on,
                 };
-                if history_on {
-                    let options = RedisHistoryOptions {
-                        prefix: config.channel_prefix.clone(),
-                        size: config.history_size,
-                        ttl: config.history_ttl,
-                    };
-                    history = Some(Arc::new(RedisHistory::new(commands.clone(), options)));
-                }
-                let broker = RedisBroker::start(options, commands.clone(), sink, metrics.clone())?;
-                let presence = RedisPresence::new(
-                    commands,
-                    config.channel_prefix.clone(),
-                    config.presence_ttl,
-                    id.clone(),
-                );
-                (Arc::new(broker), Arc::new(presence))
+                let (presence, history) = redis_stores(config, &commands, &id);
+                let broker = RedisBroker::start(options, commands, sink, metrics.clone())?;
+                (Arc::new(broker), presence, history)
             }
         };
         metrics.broker_up.set(broker.is_up() as i64);
@@ -240,13 +215,13 @@ impl Node {
             origins,
             users,
             console: config.console,
-            control_live: AtomicBool::new(false),
+            control_live: Arc::new(AtomicBool::new(false)),
             admitted: AtomicUsize::new(0),
             presence_released: AtomicBool::new(false),
             channel_locks: (0..CHANNEL_LOCKS).map(|_| Mutex::new(())).collect(),
             next_key: AtomicU64::new(1),
         });
-        control::subscribe(&node).await;
+        control::subscribe(&node.broker, &node.control_live).await;
         if config.uses_redis() {
             tokio::spawn(heartbeat(
                 Arc::downgrade(&node),
@@ -256,9 +231,90 @@ impl Node {
         Ok(node)
     }
 
-    /// A node-local key for a new connection.
-    pub fn next_key(&self) -> u64 {
-        self.next_key.fetch_add(1, Ordering::Relaxed)
+    /// This node's id (`PUBGATE_NODE_ID`, or generated).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The node's limits and timers.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The local fan-out.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The drain flag and the registry of open connections.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
+    /// Token verification, or anonymous mode.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The `Origin` allowlist; `None` allows any origin.
+    pub fn origins(&self) -> Option<&AllowedOrigins> {
+        self.origins.as_ref()
+    }
+
+    /// Authenticated connections by user.
+    pub fn users(&self) -> &Users {
+        &self.users
+    }
+
+    /// Whether history is on (`PUBGATE_HISTORY_SIZE` above 0).
+    pub fn history_on(&self) -> bool {
+        self.history.is_some()
+    }
+
+    /// `PUBGATE_HISTORY_SIZE`: the default and largest `limit` of a `history` request.
+    pub fn history_size(&self) -> usize {
+        self.history_size
+    }
+
+    /// `PUBGATE_API_KEY`; `None`: the HTTP server API answers 404.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
+    /// Whether `/console` is served (`PUBGATE_CONSOLE`).
+    pub fn console(&self) -> bool {
+        self.console
+    }
+
+    /// Whether the broker is connected and delivering.
+    pub fn broker_up(&self) -> bool {
+        self.broker.is_up()
+    }
+
+    /// Registers a new connection of `identity`: its outbox, with a fresh conn id and this
+    /// node's send budget, in the drain registry (closed at once if clients are being closed).
+    /// Undone by [`Node::unregister`] once the connection is over.
+    pub fn register(&self, identity: &Identity) -> Arc<Outbox> {
+        let member = Member {
+            conn_id: format!("{:016x}", rand::random::<u64>()),
+            node: self.id.clone(),
+            user: identity.user.clone(),
+            info: identity.info.clone(),
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox::new(key, member, self.limits.budget()));
+        self.drain.register(&outbox);
+        outbox
+    }
+
+    /// Forgets a closed connection.
+    pub fn unregister(&self, outbox: &Outbox) {
+        self.drain.unregister(outbox.key);
     }
 
     /// Takes one of the node's connection slots, or `None` at `PUBGATE_MAX_CONNECTIONS`. The
@@ -288,7 +344,7 @@ impl Node {
     }
 
     fn channel_lock(&self, channel: &str) -> &Mutex<()> {
-        &self.channel_locks[channel_slot(channel, CHANNEL_LOCKS)]
+        &self.channel_locks[shard::index(channel, CHANNEL_LOCKS)]
     }
 
     /// Makes `outbox` a local subscriber of `key` (a channel, or a channel's events channel):
@@ -540,6 +596,15 @@ impl Node {
         Ok(offset)
     }
 
+    /// Publishes a control disconnect of `user` to every node, this one included (see
+    /// [`control`]); `Ok` once the broker accepted it.
+    pub async fn disconnect_user(&self, user: &str) -> Result<(), BrokerError> {
+        let message = serde_json::json!({"type": "disconnect", "user": user}).to_string();
+        self.broker
+            .publish(control::CONTROL_CHANNEL, Bytes::from(message))
+            .await
+    }
+
     /// The exact member count of `channel` on every node, with at most
     /// `PUBGATE_PRESENCE_MAX_MEMBERS` members (none when `count_only`).
     pub async fn presence(&self, channel: &str, count_only: bool) -> Result<Listing, BrokerError> {
@@ -560,6 +625,32 @@ impl Node {
     pub async fn shutdown(&self) {
         self.broker.shutdown().await;
     }
+}
+
+/// The broker, presence and history of one node.
+type Stores = (Arc<dyn Broker>, Arc<dyn Presence>, Option<Arc<dyn History>>);
+
+/// Presence and (history on) history over Redis: the same for one Redis and for a cluster.
+fn redis_stores(
+    config: &Config,
+    commands: &Arc<RedisCommands>,
+    id: &str,
+) -> (Arc<dyn Presence>, Option<Arc<dyn History>>) {
+    let history = (config.history_size > 0).then(|| {
+        let options = RedisHistoryOptions {
+            prefix: config.channel_prefix.clone(),
+            size: config.history_size,
+            ttl: config.history_ttl,
+        };
+        Arc::new(RedisHistory::new(commands.clone(), options)) as Arc<dyn History>
+    });
+    let presence = RedisPresence::new(
+        commands.clone(),
+        config.channel_prefix.clone(),
+        config.presence_ttl,
+        id.to_owned(),
+    );
+    (Arc::new(presence), history)
 }
 
 /// One admitted connection; releases its slot on drop.

@@ -5,6 +5,8 @@
 //! pub/sub connections in cluster mode) is made from a client built here, so TLS and ACL settings
 //! apply to all of them alike. This module opens no connection itself.
 
+pub mod slots;
+
 use std::path::Path;
 
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};

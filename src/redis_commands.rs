@@ -151,7 +151,7 @@ fn key_slot(cmd: &Cmd) -> Option<u16> {
         b"PING" | b"SCRIPT" | b"FUNCTION" | b"CLUSTER" | b"INFO" | b"TIME" => return None,
         _ => args.next()?,
     };
-    Some(crate::broker::slots::slot_of(key))
+    Some(crate::redis_client::slots::slot_of(key))
 }
 
 enum Backend {

@@ -91,7 +91,7 @@ impl Server {
 
     /// This node's id.
     pub fn node_id(&self) -> &str {
-        &self.node.id
+        self.node.id()
     }
 
     /// Serves until `shutdown` resolves, then drains: `/readyz` 503 and upgrades refused at once,
@@ -108,7 +108,7 @@ impl Server {
         } = self;
         tracing::info!(
             addr = %local_addr,
-            node = %node.id,
+            node = %node.id(),
             broker = if config.redis_cluster_urls.is_some() {
                 "redis-cluster"
             } else if config.redis_url.is_some() {
@@ -116,7 +116,7 @@ impl Server {
             } else {
                 "memory"
             },
-            auth = %node.auth.mode(),
+            auth = %node.auth().mode(),
             tls = tls.is_some(),
             internal = ?internal.as_ref().map(|(_, addr)| *addr),
             "listening on {local_addr}"
@@ -127,14 +127,14 @@ impl Server {
                  brute-forced from one token"
             );
         }
-        if node.auth.verifier().is_none() {
+        if node.auth().verifier().is_none() {
             tracing::warn!(
                 "no PUBGATE_JWT_SECRET, PUBGATE_JWT_PUBLIC_KEY_FILE or PUBGATE_JWT_JWKS_FILE: \
                  connections are anonymous and every channel is open to everyone"
             );
         }
         // Registered before serving, so a SIGHUP right after start-up is not lost (nor fatal).
-        let _reload_keys = match node.auth.verifier().filter(|v| v.is_key_set()) {
+        let _reload_keys = match node.auth().verifier().filter(|v| v.is_key_set()) {
             Some(_) => reload_keys_on_sighup(node.clone()).map(AbortOnDrop),
             None => None,
         };
@@ -179,10 +179,10 @@ impl Server {
             _ = &mut accept => {}
         }
         let deadline = Instant::now() + config.shutdown_timeout;
-        node.drain.start_draining();
+        node.drain().start_draining();
         tracing::info!(
             drain_delay_ms = config.drain_delay.as_millis() as u64,
-            connections = node.metrics.connections.get(),
+            connections = node.metrics().connections.get(),
             "draining: readiness off, new upgrades refused"
         );
         // Health checks and metrics keep being answered while the load balancer notices.
@@ -193,7 +193,7 @@ impl Server {
         // This node's members leave presence in one batch, alongside the closing connections,
         // within half of what is left of the shutdown budget.
         let release = node.release_presence(deadline.saturating_duration_since(Instant::now()) / 2);
-        node.drain.close_clients();
+        node.drain().close_clients();
         http_stop.cancel();
         sessions.close();
         let (_, waited) = tokio::join!(release, tokio::time::timeout_at(deadline, sessions.wait()));
@@ -238,7 +238,7 @@ fn reload_keys_on_sighup(node: Arc<Node>) -> Option<tokio::task::JoinHandle<()>>
         };
         Some(tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                let Some(verifier) = node.auth.verifier() else {
+                let Some(verifier) = node.auth().verifier() else {
                     return;
                 };
                 match verifier.reload() {
@@ -301,7 +301,8 @@ async fn accept_loop(
             let Some(tls) = tls else {
                 return serve_http(stream, peer, node, sessions, http_stop, surface).await;
             };
-            let handshake = tokio::time::timeout(node.limits.handshake_timeout, tls.accept(stream));
+            let handshake =
+                tokio::time::timeout(node.limits().handshake_timeout, tls.accept(stream));
             let stream = tokio::select! {
                 result = handshake => match result {
                     Ok(Ok(stream)) => stream,
@@ -340,7 +341,7 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = node.limits.handshake_timeout;
+    let header_timeout = node.limits().handshake_timeout;
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         // For the one log line of a refused upgrade.
         req.extensions_mut().insert(http::Peer(peer));

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use crate::conn::{CloseReason, Outbox};
+use crate::wire::{CloseReason, Outbox};
 
 const SHARDS: usize = 64;
 

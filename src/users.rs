@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::conn::{CloseReason, Outbox};
-use crate::hub::channel_slot;
+use crate::shard;
+use crate::wire::{CloseReason, Outbox};
 
 const SHARDS: usize = 32;
 
@@ -48,7 +48,7 @@ impl Default for Users {
 
 impl Users {
     fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[channel_slot(user, SHARDS)]
+        self.shards[shard::index(user, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -112,7 +112,7 @@ impl Users {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::Member;
+    use crate::wire::Member;
 
     fn outbox(key: u64) -> Arc<Outbox> {
         let member = Member {
@@ -124,7 +124,7 @@ mod tests {
         Arc::new(Outbox::new(
             key,
             member,
-            crate::conn::Budget {
+            crate::wire::Budget {
                 frames: 1,
                 bytes: usize::MAX,
             },

@@ -50,7 +50,7 @@ impl MessageSink for Collector {
         &self,
         channel: &str,
         payload: &[u8],
-        _position: Option<pubgate::history::Position<'_>>,
+        _position: Option<pubgate::broker::Position<'_>>,
     ) {
         let mut messages = self.messages.lock().unwrap();
         messages.push((channel.to_owned(), payload.to_vec()));

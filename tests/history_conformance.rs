@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pubgate::broker::MessageSink;
-use pubgate::history::{History, MemoryHistory, Position, Read, RedisHistory, RedisHistoryOptions};
+use pubgate::broker::{MessageSink, Position};
+use pubgate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions};
 use pubgate::redis_commands::RedisCommands;
 
 use common::rand_u32;

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands;
-use pubgate::broker::slots::slot_of;
+use pubgate::redis_client::slots::slot_of;
 use pubgate::Config;
 use serde_json::{json, Value};
 

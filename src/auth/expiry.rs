@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::conn::{CloseReason, Outbox};
+use crate::wire::{CloseReason, Outbox};
 
 /// Starts the expiry timer of a connection; send a new `exp` (unix seconds) to re-arm it.
 pub fn watch(outbox: Arc<Outbox>, exp: u64) -> watch::Sender<u64> {

@@ -17,7 +17,7 @@ pub use token::{Claims, Required, TokenError, Verifier};
 
 use crate::config::Config;
 use crate::error::ConfigError;
-use crate::presence::Info;
+use crate::wire::member::Info;
 
 /// The authenticated side of one connection.
 #[derive(Debug, Clone)]

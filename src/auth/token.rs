@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::ConfigError;
-use crate::presence::{Info, MAX_INFO_BYTES};
+use crate::wire::member::{Info, MAX_INFO_BYTES};
 
 /// Clock skew tolerated on `exp` and `nbf` at the upgrade and on refresh (contract: at most 5 s).
 pub const LEEWAY_SECS: u64 = 5;

@@ -34,11 +34,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::slots::{broker_channel, sharded_name, SlotMap};
-use super::{Broker, MessageSink};
+use super::{parse_positioned, Broker, MessageSink};
 use crate::error::BrokerError;
-use crate::history::parse_positioned;
 use crate::metrics::Metrics;
+use crate::redis_client::slots::{broker_channel, sharded_name, SlotMap};
 use crate::redis_commands::RedisCommands;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);

@@ -8,17 +8,17 @@
 
 mod cluster;
 mod memory;
+mod position;
 mod redis;
-pub mod slots;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BrokerError;
-use crate::history::Position;
 
 pub use self::cluster::{ClusterBroker, ClusterBrokerOptions};
 pub use self::memory::MemoryBroker;
+pub use self::position::{encode_positioned, parse_positioned, Position, POSITION_MARK};
 pub use self::redis::{RedisBroker, RedisBrokerOptions};
 
 /// Receives every message a broker delivers to this node.

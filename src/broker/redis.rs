@@ -22,9 +22,8 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, MessageSink};
+use super::{parse_positioned, Broker, MessageSink};
 use crate::error::BrokerError;
-use crate::history::parse_positioned;
 use crate::metrics::Metrics;
 use crate::redis_commands::RedisCommands;
 
@@ -92,9 +91,9 @@ impl RedisBroker {
         commands: Arc<RedisCommands>,
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
-    ) -> Result<RedisBroker, crate::Error> {
+    ) -> Result<RedisBroker, crate::error::Error> {
         let client = crate::redis_client::open(options.url.as_str(), options.ca.as_deref())
-            .map_err(|e| crate::Error::Redis(e.to_string()))?;
+            .map_err(|e| crate::error::Error::Redis(e.to_string()))?;
         let probe_channel = format!("{}__probe:{}", options.prefix, options.node_id);
         let shared = Arc::new(Shared {
             options,

@@ -6,20 +6,27 @@
 //! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
 //! server's ping timer, the dead-peer and stall deadlines and the final close frame; its writes
 //! are raced against those deadlines, which the reader's never are. fastwebsockets parses
-//! the client's frames; the server's frames are encoded by [`frame`], once per message.
+//! the client's frames; the server's frames are encoded by [`crate::wire::frame`], once per
+//! message.
+//!
+//! This module knows nothing of commands: the reader hands each complete data message to a
+//! [`Handler`] (the session; in an `autobahn` build, an echo) and queues the reply it returns.
+//! It takes its limits and the metrics, not the node.
 
 mod capped;
-pub(crate) mod frame;
-mod outbox;
+#[cfg(feature = "autobahn")]
+mod echo;
 mod rate;
 pub(crate) mod reader;
 mod writer;
 
-pub use outbox::{Budget, CloseReason, Outbox, Push};
+#[cfg(feature = "autobahn")]
+pub use self::echo::Echo;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use fastwebsockets::{Role, WebSocket};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -27,11 +34,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::Identity;
-use crate::cmd::Session;
-use crate::node::Node;
-use crate::presence::Member;
-use crate::protocol::Reply;
+use crate::metrics::Metrics;
+use crate::wire::Outbox;
 
 /// The upgraded HTTP connection.
 pub type Io = TokioIo<Upgraded>;
@@ -61,55 +65,71 @@ impl Liveness {
     }
 }
 
-/// What a connection does with each complete data message from the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Executes it as a pubgate command (the product; the only mode of a default build).
-    Gateway,
-    /// Sends it back with its opcode, and sends no welcome: the endpoint the Autobahn TestSuite
-    /// is run against, so that the suite tests exactly this connection code.
-    #[cfg(feature = "autobahn")]
-    Echo,
+/// What one connection enforces, copied out of the node's settings.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The server's ping period; with `pong_timeout`, how long a silent client may stay.
+    pub ping_interval: Duration,
+    /// Grace after a ping interval, and the bound of the closing handshake.
+    pub pong_timeout: Duration,
+    /// Largest message, reassembled fragments included.
+    pub max_message_size: usize,
+    /// Client messages per second; 0 = unlimited.
+    pub rate_limit: u32,
+    /// Token bucket capacity of the rate limit.
+    pub rate_burst: u32,
 }
 
-/// Serves one upgraded WebSocket of `identity` until it is closed.
-pub async fn serve(ws: WebSocket<Io>, node: Arc<Node>, identity: Identity, mode: Mode) {
-    let conn_id = format!("{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("conn", conn_id = %conn_id);
-    serve_inner(ws, node, conn_id, identity, mode)
+/// A complete data message from the client, its text checked as UTF-8.
+#[derive(Debug, Clone, Copy)]
+pub enum Message<'a> {
+    Text(&'a str),
+    /// The session refuses binary without reading it; only the Autobahn echo reads the bytes.
+    Binary(#[cfg_attr(not(feature = "autobahn"), allow(dead_code))] &'a [u8]),
+}
+
+/// What a connection does with the client's messages: the session executes them as commands.
+///
+/// Generic, not `dyn`: the reader is compiled for its handler, so the per-message call stays
+/// static. Called from the reader only, one message at a time, in the order they arrived.
+pub trait Handler {
+    /// Handles one complete data message within the rate limit; returns the frame to queue as
+    /// its reply (empty: none, the handler queued its replies itself). The reader waits for room
+    /// in the queue, so a client that does not read its replies only stops itself.
+    async fn on_message(&mut self, message: Message<'_>) -> Bytes;
+
+    /// Answers a message over the rate limit, which is not handled (empty: no answer).
+    fn on_rate_limited(&mut self, message: Message<'_>) -> Bytes;
+
+    /// Called once, after the connection has closed.
+    async fn end(self);
+}
+
+/// Serves one upgraded WebSocket until it is closed: `handler` gets the client's messages, the
+/// writer sends what `outbox` queues. Ends with [`Handler::end`].
+pub async fn serve<H: Handler>(
+    ws: WebSocket<Io>,
+    outbox: &Outbox,
+    handler: H,
+    limits: &Limits,
+    metrics: &Metrics,
+) {
+    let span = tracing::info_span!("conn", conn_id = %outbox.conn_id());
+    serve_inner(ws, outbox, handler, limits, metrics)
         .instrument(span)
         .await
 }
 
-async fn serve_inner(
+async fn serve_inner<H: Handler>(
     ws: WebSocket<Io>,
-    node: Arc<Node>,
-    conn_id: String,
-    identity: Identity,
-    mode: Mode,
+    outbox: &Outbox,
+    mut handler: H,
+    limits: &Limits,
+    metrics: &Metrics,
 ) {
-    let limits = node.limits.clone();
-    let metrics = node.metrics.clone();
-    let member = Member {
-        conn_id,
-        node: node.id.clone(),
-        user: identity.user.clone(),
-        info: identity.info.clone(),
-    };
-    let outbox = Arc::new(Outbox::new(node.next_key(), member, limits.budget()));
-    node.drain.register(&outbox);
     metrics.connections.inc();
     metrics.connections_total.inc();
     tracing::debug!("connected");
-
-    if mode == Mode::Gateway {
-        let welcome = Reply::Welcome {
-            conn_id: outbox.conn_id(),
-            node: &node.id,
-            ping_interval_ms: limits.ping_interval.as_millis() as u64,
-        };
-        outbox.try_push(welcome.encode());
-    }
 
     // fastwebsockets reads; the writer writes the raw half (its frames are pre-encoded), so the
     // library's own write half is never used.
@@ -121,10 +141,9 @@ async fn serve_inner(
     );
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
-    let mut session = Session::new(node.clone(), outbox.clone(), identity);
     {
-        let reader = reader::run(read, &mut session, mode, &liveness, &peer_closed);
-        let writer = writer::run(write_half, &outbox, &liveness, &peer_closed, &node);
+        let reader = reader::run(read, &mut handler, outbox, limits, &liveness, &peer_closed);
+        let writer = writer::run(write_half, outbox, &liveness, &peer_closed, limits, metrics);
         tokio::pin!(reader, writer);
         tokio::select! {
             _ = &mut reader => writer.await,
@@ -133,8 +152,7 @@ async fn serve_inner(
     }
     // Boxed: the leave-every-channel path runs once, and inline its state would sit in every
     // idle connection's task for the connection's whole life.
-    Box::pin(session.end()).await;
-    node.drain.unregister(outbox.key);
+    Box::pin(handler.end()).await;
     metrics.connections.dec();
     tracing::debug!(reason = ?outbox.close_reason(), "disconnected");
 }

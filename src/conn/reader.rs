@@ -1,4 +1,4 @@
-//! The reading side: frames to messages to commands.
+//! The reading side: frames to messages, each handed to the connection's [`Handler`].
 //!
 //! Auto-close and auto-pong are off so every frame passes through here: fastwebsockets limits a
 //! single frame's size and validates single-frame UTF-8, but leaves fragment reassembly, the
@@ -12,11 +12,9 @@ use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
-#[cfg(feature = "autobahn")]
-use super::frame;
 use super::rate::{MessageRate, Verdict};
-use super::{CloseReason, Liveness, Mode};
-use crate::cmd::Session;
+use super::{Handler, Limits, Liveness, Message};
+use crate::wire::{CloseReason, Outbox};
 
 /// A fragmented message being reassembled.
 struct Partial {
@@ -56,21 +54,20 @@ impl Partial {
     }
 }
 
-pub async fn run<R: AsyncRead + Unpin>(
+pub async fn run<R: AsyncRead + Unpin, H: Handler>(
     mut ws: WebSocketRead<R>,
-    session: &mut Session,
-    mode: Mode,
+    handler: &mut H,
+    outbox: &Outbox,
+    limits: &Limits,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
 ) {
-    let outbox = session.outbox.clone();
-    let max = session.node.limits.max_message_size;
+    let max = limits.max_message_size;
     ws.set_auto_close(false);
     ws.set_auto_pong(false);
     // fastwebsockets rejects a frame whose length is >= its limit; ours is inclusive.
     ws.set_max_message_size(max.saturating_add(1));
     let mut partial: Option<Partial> = None;
-    let limits = &session.node.limits;
     let mut rate = MessageRate::new(limits.rate_limit, limits.rate_burst);
     let mut no_obligations = |_| async { Ok::<(), Infallible>(()) };
     loop {
@@ -118,7 +115,7 @@ pub async fn run<R: AsyncRead + Unpin>(
                 (!p.utf8_ok(false)).then_some(CloseReason::InvalidUtf8)
             }
             OpCode::Text | OpCode::Binary => {
-                limited(session, &mut rate, mode, frame.opcode, &frame.payload).await
+                limited(handler, outbox, &mut rate, frame.opcode, &frame.payload).await
             }
             OpCode::Continuation => match partial.as_mut() {
                 None => Some(CloseReason::Protocol),
@@ -129,7 +126,7 @@ pub async fn run<R: AsyncRead + Unpin>(
                         Some(CloseReason::InvalidUtf8)
                     } else if frame.fin {
                         let Partial { opcode, data, .. } = partial.take().expect("checked above");
-                        limited(session, &mut rate, mode, opcode, &data).await
+                        limited(handler, outbox, &mut rate, opcode, &data).await
                     } else {
                         None
                     }
@@ -143,13 +140,6 @@ pub async fn run<R: AsyncRead + Unpin>(
     peer_closed.cancel();
 }
 
-/// A complete data message, its text checked as UTF-8 once.
-enum Message<'a> {
-    Text(&'a str),
-    /// The gateway refuses binary without reading it; only the Autobahn echo reads the bytes.
-    Binary(#[cfg_attr(not(feature = "autobahn"), allow(dead_code))] &'a [u8]),
-}
-
 impl<'a> Message<'a> {
     /// `None` for text that is not UTF-8.
     fn decode(opcode: OpCode, data: &'a [u8]) -> Option<Message<'a>> {
@@ -160,12 +150,12 @@ impl<'a> Message<'a> {
     }
 }
 
-/// Counts one complete data message against the rate limit, then executes it, answers
-/// `rate_limited`, or closes a flood.
-async fn limited(
-    session: &mut Session,
+/// Counts one complete data message against the rate limit, then hands it to the handler, has
+/// the handler answer it as rate limited, or closes a flood.
+async fn limited<H: Handler>(
+    handler: &mut H,
+    outbox: &Outbox,
     rate: &mut MessageRate,
-    mode: Mode,
     opcode: OpCode,
     data: &[u8],
 ) -> Option<CloseReason> {
@@ -183,45 +173,19 @@ async fn limited(
         return Some(CloseReason::InvalidUtf8);
     };
     let reply = match limited {
-        None => match mode {
-            Mode::Gateway => execute(session, message).await,
-            #[cfg(feature = "autobahn")]
-            Mode::Echo => echo(message),
-        },
+        None => handler.on_message(message).await,
         Some(first) => {
             if first {
                 tracing::info!("connection rate limited");
             }
-            let text = match message {
-                Message::Text(text) => Some(text),
-                Message::Binary(_) => None,
-            };
-            session.rate_limited(text)
+            handler.on_rate_limited(message)
         }
     };
-    // Empty: the command queued its replies itself (a subscribe with history).
+    // Empty: the handler queued its replies itself (a subscribe with history).
     if !reply.is_empty() {
-        session.outbox.push(reply).await;
+        outbox.push(reply).await;
     }
     None
-}
-
-/// Executes one complete message as a command; the reply to queue.
-async fn execute(session: &mut Session, message: Message<'_>) -> Bytes {
-    match message {
-        Message::Binary(_) => session.binary_rejected(),
-        // Boxed: a command's state would otherwise sit in every idle connection's task.
-        Message::Text(text) => Box::pin(session.execute(text)).await,
-    }
-}
-
-/// The message sent back with its opcode (the Autobahn endpoint's [`Mode::Echo`]).
-#[cfg(feature = "autobahn")]
-fn echo(message: Message<'_>) -> Bytes {
-    match message {
-        Message::Text(text) => frame::text(text.len(), |b| b.extend_from_slice(text.as_bytes())),
-        Message::Binary(data) => frame::binary(data),
-    }
 }
 
 /// Whether the client masked the frame. fastwebsockets accepts unmasked client frames and keeps

@@ -1,6 +1,6 @@
 //! The writing side: the only place that writes to the socket.
 //!
-//! The queue holds complete frames (see [`super::frame`]), so the writer takes everything queued
+//! The queue holds complete frames (see [`crate::wire::frame`]), so the writer takes everything queued
 //! at once and hands it to vectored writes straight from the shared `Bytes`: no copy, and as many
 //! frames per syscall as have piled up. Each write is one `poll_write`, which either accepts bytes
 //! or accepts none, so it is raced against the timers without losing anything: the server's ping,
@@ -22,9 +22,10 @@ use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{self, PING_FRAME};
-use super::{CloseReason, Io, Liveness, Outbox};
-use crate::node::Node;
+use super::{Io, Limits, Liveness};
+use crate::metrics::Metrics;
+use crate::wire::frame::{self, PING_FRAME};
+use crate::wire::{CloseReason, Outbox};
 
 /// Frames handed to one vectored write: enough to amortise the syscall, small enough that
 /// building the array on every poll stays cheap.
@@ -52,14 +53,15 @@ pub async fn run(
     outbox: &Outbox,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
-    node: &Node,
+    limits: &Limits,
+    metrics: &Metrics,
 ) {
-    let grace = node.limits.pong_timeout;
+    let grace = limits.pong_timeout;
     let mut batch = Batch::default();
-    let served = serve(&mut sink, outbox, liveness, node, &mut batch).await;
+    let served = serve(&mut sink, outbox, liveness, limits, &mut batch).await;
     let reason = outbox.close_reason();
     if let Some(label) = reason.metric_label() {
-        node.metrics.disconnects.with_label_values(&[label]).inc();
+        metrics.disconnects.with_label_values(&[label]).inc();
     }
     // A stalled socket has accepted nothing for ping interval + pong timeout: a close frame
     // would wait the same way, so the connection is dropped at once.
@@ -116,10 +118,9 @@ async fn serve(
     sink: &mut Sink,
     outbox: &Outbox,
     liveness: &Liveness,
-    node: &Node,
+    limits: &Limits,
     batch: &mut Batch,
 ) -> Result<(), Abort> {
-    let limits = &node.limits;
     let idle_limit = limits.ping_interval + limits.pong_timeout;
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);

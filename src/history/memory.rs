@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{History, Position, Read, Snapshot};
-use crate::broker::MessageSink;
+use super::{History, Read, Snapshot};
+use crate::broker::{MessageSink, Position};
 use crate::error::BrokerError;
-use crate::hub::channel_slot;
+use crate::shard;
 
 const SHARDS: usize = 64;
 
@@ -67,7 +67,7 @@ impl MemoryHistory {
 
 impl Inner {
     fn shard(&self, channel: &str) -> MutexGuard<'_, Channels> {
-        self.shards[channel_slot(channel, SHARDS)]
+        self.shards[shard::index(channel, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

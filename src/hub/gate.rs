@@ -15,8 +15,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::conn::{Budget, CloseReason, Outbox, Push};
-use crate::history::Position;
+use crate::broker::Position;
+use crate::wire::{Budget, CloseReason, Outbox, Push};
 
 /// Holds, then filters, one subscription's live deliveries.
 #[derive(Debug)]
@@ -139,7 +139,7 @@ mod tests {
         Outbox::new(
             1,
             member,
-            crate::conn::Budget {
+            crate::wire::Budget {
                 frames: 100,
                 bytes: usize::MAX,
             },

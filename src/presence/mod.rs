@@ -10,7 +10,6 @@
 //! a TTL per member. Survivors find a node whose heartbeat lapsed and reap its members (with
 //! their leave events) through a per-node index of its channels.
 
-mod member;
 mod memory;
 mod redis;
 
@@ -18,12 +17,12 @@ use async_trait::async_trait;
 
 use crate::error::BrokerError;
 
-pub use self::member::{
+pub use self::memory::MemoryPresence;
+pub use self::redis::RedisPresence;
+pub use crate::wire::member::{
     event_conn_id, event_json, events_channel, is_events_channel, EventKind, Info, Member,
     EVENTS_PREFIX, MAX_INFO_BYTES,
 };
-pub use self::memory::MemoryPresence;
-pub use self::redis::RedisPresence;
 
 /// The answer to a presence query.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

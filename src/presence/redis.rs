@@ -74,7 +74,7 @@ impl RedisPresence {
         let ttl_ms = ttl.as_millis().max(3) as u64;
         let cluster = commands.is_cluster();
         // In a cluster the events are published with SPUBLISH on a shard channel in the slot of
-        // the channel's presence key (see `broker::slots::sharded_name`), the only channel a
+        // the channel's presence key (see `redis_client::slots::sharded_name`), the only channel a
         // script may publish to there.
         let sources: Vec<String> = SOURCES
             .iter()
@@ -117,7 +117,10 @@ impl RedisPresence {
 
     fn events_key(&self, channel: &str) -> String {
         if self.cluster {
-            crate::broker::slots::sharded_name(&self.prefix, &format!("{EVENTS_PREFIX}{channel}"))
+            crate::redis_client::slots::sharded_name(
+                &self.prefix,
+                &format!("{EVENTS_PREFIX}{channel}"),
+            )
         } else {
             format!("{}{EVENTS_PREFIX}{channel}", self.prefix)
         }

@@ -10,8 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::conn::frame;
-use crate::presence::Member;
+use super::{frame, Member};
 
 /// Longest channel name in bytes.
 pub const MAX_CHANNEL_LEN: usize = 200;

@@ -27,7 +27,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::presence::Member;
+use super::Member;
 
 /// How much one connection may have queued.
 #[derive(Debug, Clone, Copy)]

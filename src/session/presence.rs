@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{broker_failed, forbidden, Session};
-use crate::protocol::{Rejection, Reply};
+use crate::wire::protocol::{Rejection, Reply};
 
 pub async fn apply<'a>(
     session: &mut Session,

@@ -1,7 +1,11 @@
-//! Client commands: one file each, dispatched from here.
+//! What a client may do: the [`Session`] of one connection, which is the connection's
+//! [`Handler`], and the client commands, one file each (`session/<command>.rs`), dispatched from
+//! here.
 //!
 //! A command gets the connection's [`Session`] and returns the reply to send, or a
-//! [`Rejection`] that becomes an `error` reply; neither ends the connection.
+//! [`Rejection`] that becomes an `error` reply; neither ends the connection. The commands are
+//! children of this module because they work on the session's state: as siblings, the session
+//! (dispatching to them) and the commands (taking a `Session`) would import each other.
 
 mod history;
 mod presence;
@@ -18,34 +22,71 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use crate::auth::{expiry, Identity, Permissions};
-use crate::conn::Outbox;
+use crate::conn::{Handler, Message};
 use crate::error::BrokerError;
 use crate::node::Node;
-use crate::protocol::{parse_request, Command, ErrorCode, Rejection, Reply};
+use crate::wire::protocol::{parse_request, Command, ErrorCode, Rejection, Reply};
+use crate::wire::Outbox;
 
 /// Per-connection state the commands work on; owned by the connection's reader.
 pub struct Session {
-    pub node: Arc<Node>,
-    pub outbox: Arc<Outbox>,
+    node: Arc<Node>,
+    outbox: Arc<Outbox>,
     /// Channels this connection is subscribed to.
-    pub channels: HashSet<String>,
+    channels: HashSet<String>,
     /// Subscribed channels whose presence events the connection receives (a subset of
     /// `channels`).
-    pub watched: HashSet<String>,
+    watched: HashSet<String>,
     /// The token's `sub`; `None` when anonymous.
-    pub user: Option<String>,
+    user: Option<String>,
     /// What the connection may do; replaced by a refresh.
-    pub permissions: Permissions,
+    permissions: Permissions,
     /// Re-arms the expiry timer (authenticated connections only).
-    pub expiry: Option<watch::Sender<u64>>,
+    expiry: Option<watch::Sender<u64>>,
+}
+
+impl Handler for Session {
+    async fn on_message(&mut self, message: Message<'_>) -> Bytes {
+        match message {
+            Message::Binary(_) => self.binary_rejected(),
+            // Boxed: a command's state would otherwise sit in every idle connection's task.
+            Message::Text(text) => Box::pin(self.execute(text)).await,
+        }
+    }
+
+    fn on_rate_limited(&mut self, message: Message<'_>) -> Bytes {
+        let text = match message {
+            Message::Text(text) => Some(text),
+            Message::Binary(_) => None,
+        };
+        self.rate_limited(text)
+    }
+
+    /// Leaves every channel.
+    async fn end(self) {
+        if let Some(user) = &self.user {
+            self.node.users().remove(user, self.outbox.key);
+        }
+        let channels: Vec<String> = self.channels.into_iter().collect();
+        let watched: Vec<String> = self.watched.into_iter().collect();
+        self.node
+            .disconnect(&self.outbox, &channels, &watched)
+            .await;
+    }
 }
 
 impl Session {
-    /// Starts a session: registers an authenticated connection in the node's user index and
-    /// starts its expiry timer.
+    /// Starts a session: queues the `welcome`, registers an authenticated connection in the
+    /// node's user index and starts its expiry timer.
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, identity: Identity) -> Self {
+        let welcome = Reply::Welcome {
+            conn_id: outbox.conn_id(),
+            node: node.id(),
+            ping_interval_ms: node.limits().ping_interval.as_millis() as u64,
+        };
+        outbox.try_push(welcome.encode());
         if let Some(user) = &identity.user {
-            node.users.insert(user, &outbox, identity.verified_at);
+            node.users().insert(user, &outbox, identity.verified_at);
         }
         let expiry = identity.exp.map(|exp| expiry::watch(outbox.clone(), exp));
         Session {
@@ -60,7 +101,7 @@ impl Session {
     }
 
     /// Executes one text message and returns the reply.
-    pub async fn execute(&mut self, text: &str) -> Bytes {
+    async fn execute(&mut self, text: &str) -> Bytes {
         let result = match parse_request(text) {
             Err(rejection) => Err(rejection),
             Ok(request) => {
@@ -93,7 +134,7 @@ impl Session {
     }
 
     /// The reply to a binary message, which the protocol does not use.
-    pub fn binary_rejected(&self) -> Bytes {
+    fn binary_rejected(&self) -> Bytes {
         self.reject(&Rejection::new(
             None,
             ErrorCode::Unsupported,
@@ -103,7 +144,7 @@ impl Session {
 
     /// The reply to a message over the rate limit (not executed). The request id is echoed when
     /// the text is a request that has one.
-    pub fn rate_limited(&self, text: Option<&str>) -> Bytes {
+    fn rate_limited(&self, text: Option<&str>) -> Bytes {
         let id = text.and_then(|t| match parse_request(t) {
             Ok(request) => request.id,
             Err(rejection) => rejection.id,
@@ -117,7 +158,7 @@ impl Session {
 
     fn reject(&self, rejection: &Rejection<'_>) -> Bytes {
         self.node
-            .metrics
+            .metrics()
             .requests_rejected
             .with_label_values(&[rejection.code.as_str()])
             .inc();
@@ -129,18 +170,6 @@ impl Session {
         if self.watched.remove(channel) {
             self.node.unwatch_presence(&self.outbox, channel).await;
         }
-    }
-
-    /// Leaves every channel; called once when the connection has closed.
-    pub async fn end(self) {
-        if let Some(user) = &self.user {
-            self.node.users.remove(user, self.outbox.key);
-        }
-        let channels: Vec<String> = self.channels.into_iter().collect();
-        let watched: Vec<String> = self.watched.into_iter().collect();
-        self.node
-            .disconnect(&self.outbox, &channels, &watched)
-            .await;
     }
 }
 

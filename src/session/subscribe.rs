@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
-use crate::protocol::{encode_delivery_at, ErrorCode, Rejection, Reply, Since};
+use crate::wire::protocol::{encode_delivery_at, ErrorCode, Rejection, Reply, Since};
 
 pub async fn apply<'a>(
     session: &mut Session,
@@ -29,7 +29,7 @@ pub async fn apply<'a>(
     }
     let known = session.channels.contains(channel);
     if !known {
-        let limit = session.node.limits.max_subscriptions;
+        let limit = session.node.limits().max_subscriptions;
         if session.channels.len() >= limit {
             return Err(Rejection::new(
                 id,
@@ -40,8 +40,8 @@ pub async fn apply<'a>(
     }
     // Already live with history on: the position is read before anything changes, so a failed
     // read leaves the subscription and its events flag as they were.
-    let known_snapshot = match (&session.node.history, known) {
-        (Some(_), true) => Some(
+    let known_snapshot = match (session.node.history_on(), known) {
+        (true, true) => Some(
             session
                 .node
                 .history_read(channel, Read::State)
@@ -61,7 +61,7 @@ pub async fn apply<'a>(
     } else if !presence_events && watching {
         session.unwatch_presence(channel).await;
     }
-    if session.node.history.is_none() {
+    if !session.node.history_on() {
         if !known {
             // Recorded first: if the connection ends while this is in flight, the session's
             // cleanup still undoes whatever part of the subscription was made.
@@ -106,7 +106,13 @@ async fn subscribe_with_history<'a>(
     let gate = match node.subscribe_gated(&session.outbox, channel).await {
         Ok(Some(gate)) => gate,
         // Not in the session's set but in the hub: cannot happen (the session owns both).
-        Ok(None) => return Err(broker_failed(id, "subscribe", &crate::BrokerError::Down)),
+        Ok(None) => {
+            return Err(broker_failed(
+                id,
+                "subscribe",
+                &crate::error::BrokerError::Down,
+            ))
+        }
         Err(e) => {
             session.channels.remove(channel);
             session.unwatch_presence(channel).await;
@@ -138,7 +144,10 @@ async fn subscribe_with_history<'a>(
         } else {
             "not_recovered"
         };
-        node.metrics.recoveries.with_label_values(&[outcome]).inc();
+        node.metrics()
+            .recoveries
+            .with_label_values(&[outcome])
+            .inc();
     }
     let reply = Reply::Subscribed {
         channel,
@@ -156,7 +165,9 @@ async fn subscribe_with_history<'a>(
                 .push(encode_delivery_at(channel, payload, *offset))
                 .await;
         }
-        node.metrics.replayed.inc_by(snapshot.messages.len() as u64);
+        node.metrics()
+            .replayed
+            .inc_by(snapshot.messages.len() as u64);
     }
     gate.go_live(outbox, &snapshot.epoch, snapshot.offset);
     // Already queued, in order, above.

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::Session;
 use crate::auth::Identity;
-use crate::protocol::{ErrorCode, Rejection, Reply};
+use crate::wire::protocol::{ErrorCode, Rejection, Reply};
 
 pub async fn apply<'a>(
     session: &mut Session,
@@ -17,7 +17,7 @@ pub async fn apply<'a>(
     token: &str,
 ) -> Result<Bytes, Rejection<'a>> {
     let forbidden = |why: String| Rejection::new(id, ErrorCode::Forbidden, why);
-    let Some(verifier) = session.node.auth.verifier() else {
+    let Some(verifier) = session.node.auth().verifier() else {
         return Err(forbidden(
             "refresh is not available: connections are anonymous".into(),
         ));

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::Session;
-use crate::protocol::{ErrorCode, Rejection, Reply};
+use crate::wire::protocol::{ErrorCode, Rejection, Reply};
 
 pub async fn apply<'a>(
     session: &mut Session,

@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use super::{broker_failed, forbidden, Session};
 use crate::history::Read;
-use crate::protocol::{encode_history, ErrorCode, Rejection};
+use crate::wire::protocol::{encode_history, ErrorCode, Rejection};
 
 pub async fn apply<'a>(
     session: &mut Session,
@@ -15,7 +15,7 @@ pub async fn apply<'a>(
     channel: &str,
     limit: Option<u64>,
 ) -> Result<Bytes, Rejection<'a>> {
-    if session.node.history.is_none() {
+    if !session.node.history_on() {
         return Err(Rejection::new(
             id,
             ErrorCode::Unsupported,
@@ -25,7 +25,7 @@ pub async fn apply<'a>(
     if !session.permissions.can_subscribe(channel) {
         return Err(forbidden(id, "read the history of", channel));
     }
-    let size = session.node.history_size;
+    let size = session.node.history_size();
     let limit = limit.map_or(size, |l| l.min(size as u64) as usize);
     let snapshot = session
         .node
