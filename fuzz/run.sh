@@ -3,6 +3,7 @@
 #   bash fuzz/run.sh <client_message|connection_reader> [seconds] [libFuzzer flags...]
 # New inputs go to fuzz/corpus/<target>/, crashes to fuzz/artifacts/<target>/, the log to
 # fuzz/logs/<target>.log (not committed). Needs nightly and cargo-fuzz (docs/fuzzing.md).
+# fuzz/Cargo.toml builds pubgate with its `fuzzing` feature (the entry points in src/fuzzing.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:?target}

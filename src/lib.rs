@@ -28,6 +28,7 @@ mod conn;
 mod console;
 mod control;
 mod error;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 #[doc(hidden)]

@@ -2,14 +2,46 @@
 //! process (and the bare-writer baseline the tool spawns itself): deliveries arrive, the JSON
 //! report parses. Each run takes a couple of seconds.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{start_node, test_config};
+use pubgate::{Config, Server};
 use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// A node on 127.0.0.1:0 in this test process, running until dropped.
+struct TestNode {
+    url: String,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestNode {
+    fn ws_url(&self) -> String {
+        self.url.clone()
+    }
+}
+
+/// The config the tool's runs need: loopback, port 0, no per-connection rate limit (the tool
+/// publishes faster than the default).
+fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        node_id: Some(format!("bench-smoke-{}", std::process::id())),
+        rate_limit: 0,
+        ..Config::default()
+    }
+}
+
+async fn start_node(config: Config) -> TestNode {
+    let server = Server::bind(config).await.expect("node binds");
+    let url = format!("ws://{}/ws", server.local_addr());
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    TestNode { url, _stop: tx }
+}
 
 /// Runs the tool in a blocking thread (the node keeps serving on the test's runtime) and returns
 /// its JSON report.
