@@ -98,6 +98,15 @@ pub struct Config {
     #[arg(long, env = "PUBGATE_SEND_BUFFER", default_value = "1MiB", value_parser = bytes_of("PUBGATE_SEND_BUFFER"))]
     pub send_buffer: usize,
 
+    /// Fan-out workers of a Redis node (channels are hashed onto them); 0: one per CPU core.
+    #[arg(long, env = "PUBGATE_FANOUT_WORKERS", default_value_t = 0)]
+    pub fanout_workers: usize,
+
+    /// Messages waiting per fan-out worker before further ones are dropped for this node
+    /// (counted as `fanout_overflow`); the Redis reader never waits for a worker.
+    #[arg(long, env = "PUBGATE_FANOUT_QUEUE", default_value_t = 1024)]
+    pub fanout_queue: usize,
+
     /// Upper bound for a graceful shutdown, drain delay included.
     #[arg(long, env = "PUBGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration_of("PUBGATE_SHUTDOWN_TIMEOUT"))]
     pub shutdown_timeout: Duration,
@@ -207,6 +216,8 @@ impl Default for Config {
             max_subscriptions: 256,
             send_queue: 1024,
             send_buffer: 1 << 20,
+            fanout_workers: 0,
+            fanout_queue: 1024,
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
             broker_probe_interval: Duration::from_secs(5),
@@ -247,6 +258,8 @@ impl std::fmt::Debug for Config {
             .field("max_message_size", &self.max_message_size)
             .field("max_subscriptions", &self.max_subscriptions)
             .field("send_queue", &self.send_queue)
+            .field("fanout_workers", &self.fanout_workers)
+            .field("fanout_queue", &self.fanout_queue)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("drain_delay", &self.drain_delay)
             .field("broker_probe_interval", &self.broker_probe_interval)
@@ -294,6 +307,14 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Config {
+    /// The fan-out workers a Redis node runs: `PUBGATE_FANOUT_WORKERS`, or one per CPU core.
+    pub fn fanout_workers(&self) -> usize {
+        match self.fanout_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Checks values that parse but cannot work, naming the variable at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -316,6 +337,7 @@ impl Config {
             ("PUBGATE_PRESENCE_MAX_MEMBERS", self.presence_max_members),
             ("PUBGATE_SEND_QUEUE", self.send_queue),
             ("PUBGATE_SEND_BUFFER", self.send_buffer),
+            ("PUBGATE_FANOUT_QUEUE", self.fanout_queue),
         ];
         for (name, value) in counts {
             if value == 0 {

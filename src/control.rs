@@ -14,17 +14,16 @@ use serde_json::Value;
 
 use crate::broker::Position;
 use crate::broker::{Broker, MessageSink};
-use crate::hub::Hub;
-use crate::presence::is_events_channel;
 use crate::users::Users;
 use crate::wire::CloseReason;
 
 /// The control channel's name (without the node's channel prefix).
 pub const CONTROL_CHANNEL: &str = "__control";
 
-/// The broker's sink: control messages to the user index, the rest to the hub.
+/// The broker's sink: control messages to the user index, the rest to the hub (directly with
+/// the memory broker, through the fan-out workers with Redis).
 pub struct Router {
-    pub hub: Arc<Hub>,
+    pub hub: Arc<dyn MessageSink>,
     pub users: Arc<Users>,
 }
 
@@ -32,8 +31,6 @@ impl MessageSink for Router {
     fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
         if channel == CONTROL_CHANNEL {
             self.control(payload);
-        } else if is_events_channel(channel) {
-            self.hub.deliver_event(channel, payload);
         } else {
             self.hub.deliver(channel, payload, position);
         }
@@ -102,6 +99,7 @@ async fn retry(broker: Weak<dyn Broker>, live: Weak<AtomicBool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Hub;
     use crate::metrics::Metrics;
     use crate::wire::{Budget, Member, Outbox};
 

@@ -1,10 +1,17 @@
 //! Local fan-out: which connections of this node are subscribed to which channel.
 //!
-//! The hub is the broker's [`MessageSink`]: every message the broker receives for a channel is
-//! encoded once and the same bytes are queued to each local subscriber. The registry is split
-//! into shards by channel hash so unrelated channels never contend, and a shard lock is only held
-//! while queueing (never while writing to a socket). The hub does not talk to the broker: deciding
-//! when to subscribe the node to a channel is [`crate::node::Node`]'s job.
+//! The hub is where the broker's messages end: every message for a channel is encoded once and
+//! the same bytes are queued to each local subscriber. With Redis the broker's reader does not
+//! call it directly: it hands each message to a fan-out worker ([`FanOut`]), so a hot channel
+//! never delays the reader. The hub does not talk to the broker: deciding when to subscribe the
+//! node to a channel is [`crate::node::Node`]'s job.
+//!
+//! The registry is split into shards by channel hash so unrelated channels never contend. A
+//! channel's subscribers are also kept as an immutable list (copy-on-write, rebuilt lazily on the
+//! first delivery after a change): a delivery holds the shard lock only to clone that list's
+//! `Arc`, never during the fan-out, so subscribing and unsubscribing never wait for a fan-out and
+//! a steady channel costs no copy at all. A subscription removed while a fan-out already holds
+//! the old list is skipped through its `live` flag, so nothing is queued after `unsubscribed`.
 //!
 //! With history on, a new subscription starts behind a [`Gate`] (see `gate.rs`): live deliveries
 //! for that one connection are held while its subscribe reads the history, then merged by offset.
@@ -15,8 +22,8 @@
 //! would otherwise be copied into a frame and held by every subscriber's queue.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::broker::{MessageSink, Position};
@@ -26,25 +33,46 @@ use crate::shard;
 use crate::wire::protocol::{encode_delivery, encode_delivery_at};
 use crate::wire::{frame, Budget, Member, Outbox, Push};
 
+pub use self::fanout::{FanOut, FanOutOptions};
 pub use self::gate::Gate;
 
+mod fanout;
 mod gate;
 
 const SHARDS: usize = 64;
 /// At most one log line per this period about oversized backend payloads.
 const TOO_BIG_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// One local subscriber of a channel.
+/// One local subscription to a channel.
 #[derive(Debug)]
 struct Sub {
     outbox: Arc<Outbox>,
     /// Present for subscriptions made with history on, until they were merged with the history
     /// they read (and a little after, to drop late duplicates).
     gate: Option<Arc<Gate>>,
+    /// Cleared when the subscription is removed: a fan-out still holding an older list skips it.
+    live: AtomicBool,
 }
 
-type Subscribers = HashMap<u64, Sub>;
-type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
+/// The subscribers of one channel.
+#[derive(Debug, Default)]
+struct Channel {
+    by_key: HashMap<u64, Arc<Sub>>,
+    /// `by_key` as a list for fan-out; `None` after a change until the next delivery rebuilds it.
+    list: Option<Arc<[Arc<Sub>]>>,
+}
+
+impl Channel {
+    /// The current list, rebuilt if a subscription came or went since the last delivery.
+    fn list(&mut self) -> Arc<[Arc<Sub>]> {
+        let by_key = &self.by_key;
+        self.list
+            .get_or_insert_with(|| by_key.values().cloned().collect())
+            .clone()
+    }
+}
+
+type Shard = Mutex<HashMap<Box<str>, Channel>>;
 
 /// Channel -> local subscribers.
 #[derive(Debug)]
@@ -106,7 +134,14 @@ impl Hub {
 
     /// Whether any local connection is subscribed to `channel`.
     pub fn has_channel(&self, channel: &str) -> bool {
-        read(self.shard(channel)).contains_key(channel)
+        lock(self.shard(channel)).contains_key(channel)
+    }
+
+    /// The subscribers of `channel` now, without holding any lock afterwards.
+    fn subscribers(&self, channel: &str) -> Option<Arc<[Arc<Sub>]>> {
+        lock(self.shard(channel))
+            .get_mut(channel)
+            .map(Channel::list)
     }
 
     /// Adds a subscriber; returns false if it was already subscribed.
@@ -128,23 +163,25 @@ impl Hub {
     }
 
     fn insert(&self, channel: &str, outbox: &Arc<Outbox>, gate: Option<Arc<Gate>>) -> bool {
-        let mut shard = write(self.shard(channel));
+        let mut shard = lock(self.shard(channel));
         // Presence-event entries are not subscriptions a client made: they stay out of the gauges.
         let counted = !is_events_channel(channel);
         let subscribers = shard.entry(channel.into()).or_insert_with(|| {
             if counted {
                 self.metrics.channels.inc();
             }
-            Subscribers::new()
+            Channel::default()
         });
-        if subscribers.contains_key(&outbox.key) {
+        if subscribers.by_key.contains_key(&outbox.key) {
             return false;
         }
         let sub = Sub {
             outbox: outbox.clone(),
             gate,
+            live: AtomicBool::new(true),
         };
-        subscribers.insert(outbox.key, sub);
+        subscribers.by_key.insert(outbox.key, Arc::new(sub));
+        subscribers.list = None;
         if counted {
             self.metrics.subscriptions.inc();
             self.metrics.presence_members.inc();
@@ -154,16 +191,23 @@ impl Hub {
 
     /// Removes a subscriber; returns true if the channel has no local subscriber left.
     pub fn remove(&self, channel: &str, key: u64) -> bool {
-        let mut shard = write(self.shard(channel));
+        let mut shard = lock(self.shard(channel));
         let Some(subscribers) = shard.get_mut(channel) else {
             return true;
         };
         let counted = !is_events_channel(channel);
-        if subscribers.remove(&key).is_some() && counted {
-            self.metrics.subscriptions.dec();
-            self.metrics.presence_members.dec();
+        if let Some(sub) = subscribers.by_key.remove(&key) {
+            // Cleared, then fenced: a fan-out holding the old list queues nothing from now on,
+            // so the caller's reply (`unsubscribed`) is the subscription's last frame.
+            sub.live.store(false, Ordering::Relaxed);
+            sub.outbox.fence();
+            subscribers.list = None;
+            if counted {
+                self.metrics.subscriptions.dec();
+                self.metrics.presence_members.dec();
+            }
         }
-        if subscribers.is_empty() {
+        if subscribers.by_key.is_empty() {
             shard.remove(channel);
             if counted {
                 self.metrics.channels.dec();
@@ -177,12 +221,13 @@ impl Hub {
     pub fn members(&self) -> Vec<(String, Member)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            for (channel, subscribers) in read(shard).iter() {
+            for (channel, subscribers) in lock(shard).iter() {
                 if is_events_channel(channel) {
                     continue;
                 }
                 out.extend(
                     subscribers
+                        .by_key
                         .values()
                         .map(|s| (channel.to_string(), s.outbox.member.clone())),
                 );
@@ -197,28 +242,26 @@ impl Hub {
     /// presence store) to the connections that asked for `key`'s events, except the member the
     /// event is about: nobody is told about its own join or leave. Encoded once per node and
     /// queued like any delivery, so a join storm meets the same send budget as messages.
-    pub fn deliver_event(&self, key: &str, payload: &[u8]) {
+    fn deliver_event(&self, key: &str, payload: &[u8]) {
         let Some(conn_id) = event_conn_id(payload) else {
             tracing::debug!(key, "presence event ignored: not an event");
             return;
         };
-        let shard = read(self.shard(key));
-        let Some(subscribers) = shard.get(key) else {
+        let Some(subscribers) = self.subscribers(key) else {
             return;
         };
         let frame = frame::text(payload.len(), |out| out.extend_from_slice(payload));
         let (mut queued, mut dropped) = (0, 0);
-        for sub in subscribers.values() {
+        for sub in subscribers.iter() {
             if sub.outbox.conn_id() == conn_id {
                 continue;
             }
-            match sub.outbox.try_push(frame.clone()) {
+            match sub.outbox.try_push_live(&sub.live, frame.clone()) {
                 Push::Queued => queued += 1,
                 Push::Full => dropped += 1,
                 Push::Closed => {}
             }
         }
-        drop(shard);
         self.count(queued, dropped);
     }
 
@@ -235,12 +278,23 @@ impl Hub {
 
 impl MessageSink for Hub {
     fn deliver(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
+        if is_events_channel(channel) {
+            self.deliver_event(channel, payload);
+        } else {
+            self.deliver_message(channel, payload, position);
+        }
+    }
+}
+
+impl Hub {
+    /// One message of a channel to its local subscribers: encoded once, the same bytes queued to
+    /// each.
+    fn deliver_message(&self, channel: &str, payload: &[u8], position: Option<Position<'_>>) {
         if payload.len() > self.max_payload {
             self.too_big(channel, payload.len());
             return;
         }
-        let shard = read(self.shard(channel));
-        let Some(subscribers) = shard.get(channel) else {
+        let Some(subscribers) = self.subscribers(channel) else {
             return;
         };
         let frame = match position {
@@ -248,10 +302,10 @@ impl MessageSink for Hub {
             Some(p) => encode_delivery_at(channel, payload, p.offset),
         };
         let (mut queued, mut dropped) = (0, 0);
-        for sub in subscribers.values() {
+        for sub in subscribers.iter() {
             let pushed = match &sub.gate {
-                None => sub.outbox.try_push(frame.clone()),
-                Some(gate) => gate.pass(&sub.outbox, &frame, position),
+                None => sub.outbox.try_push_live(&sub.live, frame.clone()),
+                Some(gate) => gate.pass(&sub.outbox, &sub.live, &frame, position),
             };
             match pushed {
                 Push::Queued => queued += 1,
@@ -259,17 +313,86 @@ impl MessageSink for Hub {
                 Push::Closed => {}
             }
         }
-        drop(shard);
         self.count(queued, dropped);
     }
 }
 
 // A poisoned lock means a panic while holding it; the maps stay consistent (every update is a
 // single insert or remove), so keep serving.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::wire::Budget;
+
+    fn outbox(key: u64) -> Arc<Outbox> {
+        let member = Member {
+            conn_id: format!("c{key}"),
+            node: "n".into(),
+            user: None,
+            info: None,
+        };
+        let budget = Budget {
+            frames: 100,
+            bytes: 1 << 20,
+        };
+        Arc::new(Outbox::new(key, member, budget))
+    }
+
+    fn queued(outbox: &Outbox) -> usize {
+        let mut frames = VecDeque::new();
+        outbox.take(&mut frames);
+        frames.len()
+    }
+
+    #[test]
+    fn a_delivery_reaches_every_subscriber_once() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (a, b) = (outbox(1), outbox(2));
+        assert!(hub.add("ch", &a) && hub.add("ch", &b));
+        assert!(!hub.add("ch", &a), "already subscribed");
+        hub.deliver("ch", b"{}", None);
+        hub.deliver("other", b"{}", None);
+        assert_eq!((queued(&a), queued(&b)), (1, 1));
+    }
+
+    #[test]
+    fn the_list_is_rebuilt_after_a_change_and_shared_until_then() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (a, b) = (outbox(1), outbox(2));
+        hub.add("ch", &a);
+        let first = hub.subscribers("ch").unwrap();
+        assert!(Arc::ptr_eq(&first, &hub.subscribers("ch").unwrap()));
+        hub.add("ch", &b);
+        let second = hub.subscribers("ch").unwrap();
+        assert_eq!((first.len(), second.len()), (1, 2));
+        assert!(!hub.remove("ch", 1) && hub.remove("ch", 2));
+        assert!(hub.subscribers("ch").is_none(), "an empty channel is gone");
+    }
+
+    /// A fan-out that took the list before an unsubscribe queues nothing for it afterwards, so
+    /// the `unsubscribed` reply queued after `remove` is the subscription's last frame.
+    #[test]
+    fn a_removed_subscription_gets_nothing_from_an_older_list() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (a, b) = (outbox(1), outbox(2));
+        hub.add("ch", &a);
+        hub.add("ch", &b);
+        let in_flight = hub.subscribers("ch").unwrap();
+        hub.remove("ch", 1);
+        let frame = Bytes::from_static(b"x");
+        let pushed: Vec<Push> = in_flight
+            .iter()
+            .map(|sub| sub.outbox.try_push_live(&sub.live, frame.clone()))
+            .collect();
+        assert_eq!(pushed.iter().filter(|p| **p == Push::Queued).count(), 1);
+        assert_eq!((queued(&a), queued(&b)), (0, 1));
+    }
 }

@@ -262,14 +262,37 @@ impl Metrics {
         &self,
         bytes: impl Fn() -> usize + Send + Sync + 'static,
     ) -> Result<(), prometheus::Error> {
-        let gauge = IntGauge::new(
+        self.register_computed(
             "pubgate_send_queued_bytes",
             "Bytes of frames queued for this node's connections and not yet accepted by their \
              sockets (computed at scrape time)",
-        )?;
+            bytes,
+        )
+    }
+
+    /// Registers `pubgate_fanout_queued`, computed by `messages` at each scrape.
+    pub fn register_fanout_queued(
+        &self,
+        messages: impl Fn() -> usize + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
+        self.register_computed(
+            "pubgate_fanout_queued",
+            "Messages received from the broker and waiting for a fan-out worker (computed at \
+             scrape time)",
+            messages,
+        )
+    }
+
+    fn register_computed(
+        &self,
+        name: &str,
+        help: &str,
+        value: impl Fn() -> usize + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
+        let gauge = IntGauge::new(name, help)?;
         self.registry.register(Box::new(Computed {
             gauge,
-            value: Box::new(bytes),
+            value: Box::new(value),
         }))
     }
 

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::control::{self, Router};
 use crate::error::{BrokerError, Error};
 use crate::history::{History, MemoryHistory, Read, RedisHistory, RedisHistoryOptions, Snapshot};
-use crate::hub::{Gate, Hub};
+use crate::hub::{FanOut, FanOutOptions, Gate, Hub};
 use crate::metrics::Metrics;
 use crate::origin::AllowedOrigins;
 use crate::presence::{
@@ -120,8 +120,25 @@ impl Node {
             config.max_message_size,
         ));
         let users = Arc::new(Users::default());
+        // With Redis the broker's reader hands messages to fan-out workers; the memory broker
+        // delivers in the publisher's task.
+        let fanout = config.uses_redis().then(|| {
+            let options = FanOutOptions {
+                workers: config.fanout_workers(),
+                queue: config.fanout_queue,
+            };
+            Arc::new(FanOut::start(hub.clone(), options, metrics.clone()))
+        });
+        let to_hub: Arc<dyn MessageSink> = match &fanout {
+            Some(fanout) => fanout.clone(),
+            None => hub.clone(),
+        };
+        if let Some(fanout) = &fanout {
+            let fanout = Arc::downgrade(fanout);
+            metrics.register_fanout_queued(move || fanout.upgrade().map_or(0, |f| f.queued()))?;
+        }
         let sink: Arc<dyn MessageSink> = Arc::new(Router {
-            hub: hub.clone(),
+            hub: to_hub,
             users: users.clone(),
         });
         let ca = crate::redis_client::read_ca(config.redis_ca_file.as_deref())?;

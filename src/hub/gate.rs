@@ -62,9 +62,19 @@ impl Gate {
 
     /// One live delivery for this subscription. A dropped duplicate counts as `Closed` (not
     /// delivered, not a drop).
-    pub fn pass(&self, outbox: &Outbox, frame: &Bytes, position: Option<Position<'_>>) -> Push {
+    /// `live` is the subscription's flag (see [`Outbox::try_push_live`]).
+    pub fn pass(
+        &self,
+        outbox: &Outbox,
+        live: &AtomicBool,
+        frame: &Bytes,
+        position: Option<Position<'_>>,
+    ) -> Push {
         if self.open.load(Ordering::Acquire) {
-            return outbox.try_push(frame.clone());
+            return outbox.try_push_live(live, frame.clone());
+        }
+        if !live.load(Ordering::Relaxed) {
+            return Push::Closed;
         }
         let mut state = self.lock();
         match &mut *state {
@@ -146,6 +156,9 @@ mod tests {
         )
     }
 
+    /// A subscription that is never removed.
+    static LIVE: AtomicBool = AtomicBool::new(true);
+
     fn at(offset: u64) -> Option<Position<'static>> {
         Some(Position { offset, epoch: "e" })
     }
@@ -161,16 +174,16 @@ mod tests {
         let o = outbox();
         let gate = Gate::new(frames(10));
         let f = |n: u8| Bytes::from(vec![n]);
-        gate.pass(&o, &f(4), at(4));
-        gate.pass(&o, &f(0), None);
-        gate.pass(&o, &f(5), at(5));
-        gate.pass(&o, &f(6), at(6));
+        gate.pass(&o, &LIVE, &f(4), at(4));
+        gate.pass(&o, &LIVE, &f(0), None);
+        gate.pass(&o, &LIVE, &f(5), at(5));
+        gate.pass(&o, &LIVE, &f(6), at(6));
         assert!(queued(&o).is_empty(), "held until live");
         // The read returned up to 5 (4 and 5 were replayed).
         gate.go_live(&o, "e", 5);
         assert_eq!(queued(&o), vec![f(0), f(6)]);
         // Now open: everything passes.
-        gate.pass(&o, &f(7), at(7));
+        gate.pass(&o, &LIVE, &f(7), at(7));
         assert_eq!(queued(&o), vec![f(7)]);
     }
 
@@ -180,10 +193,11 @@ mod tests {
         let gate = Gate::new(frames(10));
         gate.go_live(&o, "e", 3);
         let f = Bytes::from_static(b"x");
-        assert_eq!(gate.pass(&o, &f, at(3)), Push::Closed);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(3)), Push::Closed);
         assert_eq!(
             gate.pass(
                 &o,
+                &LIVE,
                 &f,
                 Some(Position {
                     offset: 1,
@@ -192,7 +206,7 @@ mod tests {
             ),
             Push::Queued
         );
-        assert_eq!(gate.pass(&o, &f, at(4)), Push::Queued);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(4)), Push::Queued);
         assert_eq!(queued(&o).len(), 2);
     }
 
@@ -201,9 +215,9 @@ mod tests {
         let o = outbox();
         let gate = Gate::new(frames(2));
         let f = Bytes::from_static(b"x");
-        assert_eq!(gate.pass(&o, &f, at(1)), Push::Queued);
-        assert_eq!(gate.pass(&o, &f, at(2)), Push::Queued);
-        assert_eq!(gate.pass(&o, &f, at(3)), Push::Full);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(1)), Push::Queued);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(2)), Push::Queued);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(3)), Push::Full);
         assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
     }
 
@@ -215,9 +229,9 @@ mod tests {
             bytes: 10,
         });
         let f = Bytes::from_static(b"12345");
-        assert_eq!(gate.pass(&o, &f, at(1)), Push::Queued);
-        assert_eq!(gate.pass(&o, &f, at(2)), Push::Queued);
-        assert_eq!(gate.pass(&o, &f, at(3)), Push::Full);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(1)), Push::Queued);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(2)), Push::Queued);
+        assert_eq!(gate.pass(&o, &LIVE, &f, at(3)), Push::Full);
         assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
     }
 

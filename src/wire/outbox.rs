@@ -185,10 +185,29 @@ impl Outbox {
 
     /// Queues a frame without waiting; closes the connection when its queue is full.
     pub fn try_push(&self, frame: Bytes) -> Push {
+        self.try_push_if(None, frame)
+    }
+
+    /// [`Outbox::try_push`] of a delivery for one subscription: queued only if `live` is still
+    /// set once the queue is locked. A subscription cleared and then [`fence`](Outbox::fence)d
+    /// gets nothing after the fence, even from a fan-out that read `live` before it was cleared.
+    pub fn try_push_live(&self, live: &AtomicBool, frame: Bytes) -> Push {
+        self.try_push_if(Some(live), frame)
+    }
+
+    /// Returns once any push that had already locked the queue has finished.
+    pub fn fence(&self) {
+        drop(self.lock());
+    }
+
+    fn try_push_if(&self, live: Option<&AtomicBool>, frame: Bytes) -> Push {
         if self.closed.load(Ordering::Relaxed) {
             return Push::Closed;
         }
         let queue = self.lock();
+        if live.is_some_and(|live| !live.load(Ordering::Relaxed)) {
+            return Push::Closed;
+        }
         let bytes = self.bytes.load(Ordering::Relaxed);
         if queue.frames.len() >= self.budget.frames || bytes + frame.len() > self.budget.bytes {
             drop(queue);
