@@ -5,20 +5,22 @@
 //! replicas behind a load balancer act as one system. The wire contract is in `docs/protocol.md`.
 //!
 //! # Layout
-//! - [`config`]: every `PUBGATE_*` setting.
-//! - `server`: binds the listener, runs the accept loop and the graceful shutdown.
-//! - `http`: routes `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/*` per listener surface.
-//! - `conn`: one WebSocket connection: a reader, a writer with a bounded queue, the ping timer.
-//! - `protocol` and `cmd`: client messages, replies, one file per command.
-//! - `hub`: local channel -> subscriber registry and fan-out; calls the broker on the first and
-//!   last local subscriber of a channel.
-//! - [`broker`], [`presence`] and [`history`]: the seams, each with a memory and a Redis
-//!   implementation (history: offsets, epochs and the last N messages, for recovery).
-//! - `api`: the HTTP server API for backends (`/api/publish`, `/api/disconnect`, `/api/presence`).
-//! - [`metrics`]: the Prometheus registry of one node.
-//! - [`auth`]: tokens on the upgrade, channel permissions, expiry; `origin`: the `Origin`
-//!   allowlist; `users` and `control`: the backend's `__control` disconnect; `tls`: HTTPS/WSS.
-//! - `console`: the optional operator page at `/console` and the JS client it runs on.
+//! The modules sit in layers and import one way, from high to low. `docs/architecture.md` holds
+//! the layer table (which `cargo test --test layers` checks against every `crate::` and
+//! `super::` path), a diagram, and the publish and subscribe paths. Low to high:
+//! - [`config`] (every `PUBGATE_*` setting), `error`, [`metrics`], `shard` (the shard hash).
+//! - `wire`: the protocol, server frames encoded once, `Member`, each connection's `Outbox`.
+//! - The outside: `conn` (one WebSocket: a reader that hands each message to a handler, the
+//!   writer with the ping timer; it knows neither the node nor the commands), the seams
+//!   [`broker`], [`presence`] and [`history`] (each memory or Redis), [`redis_client`],
+//!   [`redis_commands`], `auth` (tokens, permissions, expiry), `tls`, `origin`.
+//! - This node's subscriptions: `hub` (channel -> subscribers, the fan-out workers, the recovery
+//!   gate), `control` (the broker's sink, `__control`), `users`, `shutdown` (the drain).
+//! - `node`: the composition; subscribes the broker on a channel's first local subscriber.
+//! - `session`: what a client may do; the connection's handler, one file per command.
+//! - `server`, `http` (routes; the upgrade joins a connection to its session), `api`, `console`,
+//!   [`health`].
+//! - This file ([`run`]), `main` (the binary), `fuzzing`.
 
 mod api;
 mod auth;

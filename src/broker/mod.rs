@@ -2,7 +2,7 @@
 //!
 //! A broker knows nothing about WebSocket connections. The node subscribes a channel on the
 //! broker when its first local subscriber arrives and unsubscribes after the last one leaves
-//! (see [`crate::hub`]); everything the broker receives for a subscribed channel is handed, in
+//! (see `node.rs`); everything the broker receives for a subscribed channel is handed, in
 //! arrival order, to the [`MessageSink`] given at construction. Both implementations use a single
 //! delivery path: even this node's own publishes come back through the sink.
 
@@ -35,7 +35,7 @@ pub trait MessageSink: Send + Sync + 'static {
 pub trait Broker: Send + Sync + 'static {
     /// Makes this node receive `channel`. Returns only once the subscription is live, so a
     /// message published after it returns reaches the sink. Calls for one channel are never
-    /// concurrent (the hub serialises them).
+    /// concurrent (the node serialises them).
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
 
     /// Stops receiving `channel`. Messages already received may still reach the sink.
