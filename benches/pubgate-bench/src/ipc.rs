@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cli::Scenario;
+use crate::client::Protocol;
 
 /// The first line a worker reads: which connections it owns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +21,8 @@ pub struct Job {
     pub sources: usize,
     pub concurrency: usize,
     pub connect_timeout_ms: u64,
+    /// How the connections subscribe and what deliveries look like.
+    pub protocol: Protocol,
 }
 
 impl Job {

@@ -113,13 +113,15 @@ async fn run() -> Result<(), String> {
         let target = targets[i % targets.len()].clone();
         let source = client::source_for(i, job.sources, &target);
         let channel = job.channel_of(i);
+        let protocol = job.protocol;
         let gate = gate.clone();
         let done = done_tx.clone();
         let state = state.clone();
         tokio::task::spawn_local(async move {
             let permit = gate.acquire().await;
             let t0 = Instant::now();
-            let result = client::connect_subscribed(&target, source, &channel, limit).await;
+            let result =
+                client::connect_subscribed(&target, source, &channel, limit, protocol).await;
             drop(permit);
             match result {
                 Ok(ws) => {
@@ -294,12 +296,13 @@ async fn churn_loop(job: Job, targets: Vec<Target>, rate: f64, limit: Duration, 
         let target = targets[k % targets.len()].clone();
         let source = client::source_for(k, job.sources, &target);
         let channel = job.channel_of(k);
+        let protocol = job.protocol;
         let state = state.clone();
         let in_flight = in_flight.clone();
         in_flight.set(in_flight.get() + 1);
         tokio::task::spawn_local(async move {
             let t0 = Instant::now();
-            match client::connect_subscribed(&target, source, &channel, limit).await {
+            match client::connect_subscribed(&target, source, &channel, limit, protocol).await {
                 Ok(mut ws) => {
                     if state.recording.get() {
                         State::record(&state.cycle_hist, t0.elapsed().as_nanos() as u64);
