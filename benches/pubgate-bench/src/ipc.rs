@@ -41,7 +41,9 @@ pub fn channel_name(base: &str, n: usize) -> String {
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Cmd {
     /// Reset the counters and start measuring; churn workers start cycling at `rate` per second.
-    Start { rate: f64 },
+    /// Deliveries of messages stamped before `since_ns` (an earlier step's backlog) are counted
+    /// apart as `late`.
+    Start { rate: f64, since_ns: u64 },
     /// Stop measuring and report `done`.
     Stop,
 }
@@ -76,6 +78,9 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Counters {
     pub deliveries: u64,
+    /// Deliveries of messages published before the step started: not counted in `deliveries`
+    /// nor in the latency histogram.
+    pub late: u64,
     pub open: u64,
     /// Connections closed by the server (close frame) or lost since the start.
     pub closed: u64,

@@ -617,7 +617,12 @@ impl StepCtx<'_> {
         } else {
             0.0
         };
-        self.pool.send(&Cmd::Start { rate: churn_rate }).await?;
+        self.pool
+            .send(&Cmd::Start {
+                rate: churn_rate,
+                since_ns: start_ns,
+            })
+            .await?;
         let mut step = Step {
             rate,
             half_peak,
@@ -676,6 +681,7 @@ impl StepCtx<'_> {
             }
         }
         step.deliveries = counters.deliveries;
+        step.late_deliveries = counters.late;
         step.latency = Latency::of(&hist);
         step.open_at_end = counters.open;
         step.closed_by_server = counters.closed;

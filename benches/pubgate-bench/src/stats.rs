@@ -85,6 +85,9 @@ pub struct Step {
     pub published_per_s: f64,
     pub expected_deliveries: u64,
     pub deliveries: u64,
+    /// Deliveries of an earlier step's messages that arrived during this one (a backlog the
+    /// earlier step's drain gave up on): in neither `deliveries` nor the latency figures.
+    pub late_deliveries: u64,
     pub deliveries_per_s: f64,
     /// deliveries / expected_deliveries.
     pub delivery_ratio: f64,
@@ -355,6 +358,13 @@ impl Report {
             for s in &run.steps {
                 if let Some(e) = &s.first_error {
                     let _ = writeln!(out, "  step {:.0}/s first error: {e}", s.rate);
+                }
+                if s.late_deliveries > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  step {:.0}/s: {} late deliveries of the step before (not counted)",
+                        s.rate, s.late_deliveries
+                    );
                 }
             }
             if let Some(s) = run.steps.last() {
