@@ -35,15 +35,62 @@ pub enum Command {
     Worker,
 }
 
-/// Which server a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// A server a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
     /// The pubgate gateway (spawned or --url).
     Pubgate,
     /// The bare writer built into this tool.
     Baseline,
-    /// Baseline and pubgate one after the other in the same run, with ratios.
+    /// Nginx with the Nchan module, spawned by the tool (src/nchan.rs).
+    Nchan,
+}
+
+impl Target {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Pubgate => "pubgate",
+            Target::Baseline => "baseline",
+            Target::Nchan => "nchan",
+        }
+    }
+}
+
+/// A value of `--target` (a comma list of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// The pubgate gateway (spawned or --url).
+    Pubgate,
+    /// The bare writer built into this tool.
+    Baseline,
+    /// Nginx + Nchan (Debian `nginx` and `libnginx-mod-nchan`), spawned by the tool.
+    Nchan,
+    /// pubgate and the bare writer.
     Both,
+    /// pubgate, the bare writer and Nchan.
+    All,
+}
+
+impl RunArgs {
+    /// The targets to measure, each once, in a fixed order: pubgate first (under --saturate the
+    /// others run their half-peak step at pubgate's rate), then the bare writer, then Nchan.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut out: Vec<Target> = self
+            .target
+            .iter()
+            .flat_map(|t| match t {
+                TargetArg::Pubgate => vec![Target::Pubgate],
+                TargetArg::Baseline => vec![Target::Baseline],
+                TargetArg::Nchan => vec![Target::Nchan],
+                TargetArg::Both => vec![Target::Pubgate, Target::Baseline],
+                TargetArg::All => vec![Target::Pubgate, Target::Baseline, Target::Nchan],
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 /// How messages are published.
@@ -68,9 +115,10 @@ pub struct RunArgs {
     #[arg(long, visible_alias = "spawn", default_value_t = 1)]
     pub nodes: usize,
 
-    /// What to measure.
-    #[arg(long, value_enum, default_value_t = Target::Pubgate)]
-    pub target: Target,
+    /// What to measure: a comma list of pubgate, baseline, nchan; `both` is pubgate,baseline and
+    /// `all` is all three. Each is measured in turn under the same scenario, with ratios.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "pubgate")]
+    pub target: Vec<TargetArg>,
 
     /// Connections (subscribers). Default: 1000 (fanout, idle), 10000 (channels), 100 (churn).
     #[arg(long, short = 'c')]
@@ -102,9 +150,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = PublishVia::Auto)]
     pub publish_via: PublishVia,
 
-    /// WebSocket publisher connections (ws publishing).
-    #[arg(long, default_value_t = 1)]
-    pub publishers: usize,
+    /// Publisher connections: WebSocket ones (ws publishing, default 1), or HTTP ones per Nchan
+    /// instance (default 4: nginx answers a connection's pipelined POSTs one after the other, each
+    /// after its fan-out, so one connection would cap Nchan's publish rate).
+    #[arg(long)]
+    pub publishers: Option<usize>,
 
     /// Redis of an external gateway (--url), for --publish-via redis; with spawned nodes, the
     /// Redis they use instead of a private one.
@@ -174,6 +224,24 @@ pub struct RunArgs {
     /// Extra environment of spawned nodes, KEY=VALUE (repeatable).
     #[arg(long)]
     pub node_env: Vec<String>,
+
+    /// Nchan target: the nginx binary (Debian's `nginx` package).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx_bin: PathBuf,
+
+    /// Nchan target: the module nginx loads (Debian's libnginx-mod-nchan path by default).
+    #[arg(long, default_value = "/usr/lib/nginx/modules/ngx_nchan_module.so")]
+    pub nchan_module: PathBuf,
+
+    /// Nchan target: nginx worker processes per instance. Default: `worker_processes auto`, one
+    /// per core, as a pubgate node's runtime has one worker thread per core.
+    #[arg(long)]
+    pub nchan_workers: Option<usize>,
+
+    /// Nchan target: messages each channel keeps (`nchan_message_buffer_length`). 0 keeps none,
+    /// as pubgate without history; a new subscriber then gets live messages only.
+    #[arg(long, default_value_t = 0)]
+    pub nchan_buffer: usize,
 
     /// Write the report as JSON to this file.
     #[arg(long)]

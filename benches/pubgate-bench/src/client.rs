@@ -10,10 +10,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 pub type Ws = WebSocket<Prefixed<TcpStream>>;
+
+/// What a subscriber says to its server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// pubgate's (and the bare writer's): `welcome`, `subscribe` -> `subscribed`, deliveries as
+    /// `{"type":"message",...,"data":<payload>}`.
+    #[default]
+    Pubgate,
+    /// Nchan's WebSocket subscriber: the channel is the URL's last path segment (the URL ends in
+    /// `/sub/`), subscribed once the upgrade completes, deliveries are the published payload.
+    Nchan,
+}
 
 /// Nanoseconds since the Unix epoch: the clock every process of a run shares.
 pub fn now_ns() -> u64 {
@@ -163,13 +177,25 @@ pub async fn wait_text(
         .map_err(|_| "timed out".to_string())?
 }
 
-/// Connects, reads the welcome, subscribes and waits for `subscribed`.
+/// Connects and subscribes to `channel`: pubgate's protocol reads the welcome, subscribes and
+/// waits for `subscribed`; Nchan's is subscribed by the upgrade to `<path><channel>`.
 pub async fn connect_subscribed(
     target: &Target,
     source: Option<IpAddr>,
     channel: &str,
     limit: Duration,
+    protocol: Protocol,
 ) -> Result<Ws, String> {
+    if protocol == Protocol::Nchan {
+        let target = Target {
+            path: format!("{}{channel}", target.path),
+            ..target.clone()
+        };
+        return tokio::time::timeout(limit, connect(&target, source))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string());
+    }
     let mut ws = tokio::time::timeout(limit, connect(target, source))
         .await
         .map_err(|_| "connect timed out".to_string())?
@@ -205,12 +231,17 @@ pub fn starts_with_type(text: &[u8], kind: &[u8]) -> bool {
         && text.get(HEAD.len() + kind.len()) == Some(&b'"')
 }
 
-/// The send stamp of a delivery `{"type":"message",...,"data":{"t":<ns>,...}}`.
+/// The send stamp of a delivery: pubgate's `{"type":"message",...,"data":{"t":<ns>,...}}`, or
+/// the bare payload `{"t":<ns>,...}` as Nchan delivers it.
 pub fn delivery_stamp(text: &[u8]) -> Option<u64> {
-    if !starts_with_type(text, b"message") {
+    const BARE: &[u8] = br#"{"t":"#;
+    let at = if text.starts_with(BARE) {
+        BARE.len()
+    } else if starts_with_type(text, b"message") {
+        find(text, br#""data":{"t":"#)? + 12
+    } else {
         return None;
-    }
-    let at = find(text, br#""data":{"t":"#)? + 12;
+    };
     let mut n: u64 = 0;
     let mut digits = 0;
     for &b in &text[at..] {
@@ -304,6 +335,8 @@ mod tests {
             delivery_stamp(br#"{"type":"subscribed","channel":"x"}"#),
             None
         );
+        assert_eq!(delivery_stamp(br#"{"t":987,"seq":4}"#), Some(987));
+        assert_eq!(delivery_stamp(br#"{"t":"x"}"#), None);
         assert!(starts_with_type(
             br#"{"type":"welcome","conn_id":"1"}"#,
             b"welcome"

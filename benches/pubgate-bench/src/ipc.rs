@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cli::Scenario;
+use crate::client::Protocol;
 
 /// The first line a worker reads: which connections it owns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +21,8 @@ pub struct Job {
     pub sources: usize,
     pub concurrency: usize,
     pub connect_timeout_ms: u64,
+    /// How the connections subscribe and what deliveries look like.
+    pub protocol: Protocol,
 }
 
 impl Job {
@@ -38,7 +41,9 @@ pub fn channel_name(base: &str, n: usize) -> String {
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Cmd {
     /// Reset the counters and start measuring; churn workers start cycling at `rate` per second.
-    Start { rate: f64 },
+    /// Deliveries of messages stamped before `since_ns` (an earlier step's backlog) are counted
+    /// apart as `late`.
+    Start { rate: f64, since_ns: u64 },
     /// Stop measuring and report `done`.
     Stop,
 }
@@ -73,6 +78,9 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Counters {
     pub deliveries: u64,
+    /// Deliveries of messages published before the step started: not counted in `deliveries`
+    /// nor in the latency histogram.
+    pub late: u64,
     pub open: u64,
     /// Connections closed by the server (close frame) or lost since the start.
     pub closed: u64,

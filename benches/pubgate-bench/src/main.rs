@@ -5,12 +5,15 @@
 //! per-process fd limit, bound to several 127.0.0.x source addresses), publishes stamped messages
 //! at a set rate, and reports deliveries/s, publish->deliver latency percentiles, connect rate,
 //! errors, and the server's CPU, RSS and write syscalls, as a table and as JSON (`--json`).
-//! `--target both` measures the bare writer in the same run and gives every figure as a ratio.
+//! `--target pubgate,baseline,nchan` (or `all`; `both` is the first two) measures the bare writer
+//! and Nchan in the same run and gives every figure as a ratio to the bare writer.
 
 mod baseline;
 mod cli;
 mod client;
+mod http_publish;
 mod ipc;
+mod nchan;
 mod pool;
 mod procstat;
 mod publisher;

@@ -195,6 +195,7 @@ impl Pool {
 pub fn sum<'a>(all: impl Iterator<Item = &'a Counters>) -> Counters {
     all.fold(Counters::default(), |a, c| Counters {
         deliveries: a.deliveries + c.deliveries,
+        late: a.late + c.late,
         open: a.open + c.open,
         closed: a.closed + c.closed,
         server_errors: a.server_errors + c.server_errors,

@@ -1,7 +1,8 @@
 //! The publisher: stamped messages at a set rate, round-robin over the channels, through Redis
-//! `PUBLISH <prefix><channel>` or WebSocket `publish` requests.
+//! `PUBLISH <prefix><channel>`, WebSocket `publish` requests, or (Nchan) HTTP `POST /pub/<channel>`.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 use pubgate::redis_commands::CommandConnection;
 
 use crate::client::{self, now_ns, starts_with_type, Prefixed, Target};
+use crate::http_publish::HttpPublisher;
 use crate::ipc::channel_name;
 
 /// Longest pause between two publishing rounds.
@@ -55,6 +57,9 @@ pub enum Publisher {
         broadcast: bool,
         acks: Arc<Acks>,
     },
+    /// Nchan: keep-alive connections to every instance, messages round-robin over them (instances
+    /// on one Redis forward to each other, as pubgate's nodes do).
+    Http { conns: Vec<HttpPublisher> },
 }
 
 impl Publisher {
@@ -145,10 +150,22 @@ impl Publisher {
         })
     }
 
+    /// Nchan's publisher locations on `addrs`, `per_addr` connections each.
+    pub async fn http(addrs: &[SocketAddr], per_addr: usize) -> Result<Publisher, String> {
+        let mut conns = Vec::new();
+        for _ in 0..per_addr.max(1) {
+            for &a in addrs {
+                conns.push(HttpPublisher::connect(a).await?);
+            }
+        }
+        Ok(Publisher::Http { conns })
+    }
+
     pub fn via(&self) -> &'static str {
         match self {
             Publisher::Redis { .. } => "redis",
             Publisher::Ws { .. } => "ws",
+            Publisher::Http { .. } => "http",
         }
     }
 
@@ -264,6 +281,27 @@ impl Publisher {
                         }
                         for ws in conns.iter_mut() {
                             let _ = ws.flush().await;
+                        }
+                    }
+                    Publisher::Http { conns } => {
+                        for _ in 0..burst {
+                            let c = (seq as usize) % channels;
+                            stamp(&mut data, seq, payload_size);
+                            next_conn = (next_conn + 1) % conns.len();
+                            conns[next_conn].push(&names[c], data.as_bytes());
+                            out.per_channel[c] += 1;
+                            seq += 1;
+                        }
+                        for conn in conns.iter_mut() {
+                            conn.send().await;
+                        }
+                        for conn in conns.iter_mut() {
+                            let round = conn.finish().await;
+                            out.sent += round.ok;
+                            out.errors += round.failed;
+                            if let Some(e) = round.first_error {
+                                out.first_error.get_or_insert(e);
+                            }
                         }
                     }
                 }

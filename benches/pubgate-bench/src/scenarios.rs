@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cli::{PublishVia, RunArgs, Scenario, Target};
-use crate::client::{self, now_ns};
+use crate::cli::{self, PublishVia, RunArgs, Scenario, Target};
+use crate::client::{self, now_ns, Protocol};
 use crate::ipc::{Cmd, Counters, Job};
+use crate::nchan::{self, Nginx, NginxOptions};
 use crate::pool::{self, Pool};
 use crate::procstat::{self, Probe, Sample};
 use crate::publisher::Publisher;
@@ -23,6 +24,10 @@ const RAMP_GAIN: f64 = 1.05;
 const SATURATE_SEND_QUEUE: usize = 65_536;
 /// Longest wait for deliveries still in flight after a step's publishing ends.
 const MAX_DRAIN: Duration = Duration::from_secs(15);
+/// HTTP publisher connections per Nchan instance without --publishers (see there).
+const NCHAN_PUBLISHERS: usize = 4;
+/// Nchan's WebSocket ping interval without --ping-interval: pubgate's default.
+const NCHAN_DEFAULT_PING: Duration = Duration::from_secs(25);
 
 /// Everything resolved from the command line.
 #[derive(Debug, Clone)]
@@ -77,6 +82,15 @@ impl Plan {
         for url in &args.url {
             client::Target::parse(url)?;
         }
+        if args.targets().contains(&Target::Nchan) {
+            if args.redis_cluster.is_some() {
+                return Err("the nchan target does not run on a Redis Cluster".into());
+            }
+            if args.history_size > 0 {
+                return Err("the nchan target has no pubgate history: drop --history-size".into());
+            }
+            nchan::check_installed(&args.nginx_bin, &args.nchan_module)?;
+        }
         Ok(Plan {
             scenario,
             connections,
@@ -87,7 +101,7 @@ impl Plan {
         })
     }
 
-    fn jobs(&self, urls: &[String]) -> Vec<Job> {
+    fn jobs(&self, urls: &[String], protocol: Protocol) -> Vec<Job> {
         let base = self.connections / self.workers;
         let extra = self.connections % self.workers;
         let mut first = 0;
@@ -106,6 +120,7 @@ impl Plan {
                     sources: self.args.sources,
                     concurrency: self.args.connect_concurrency,
                     connect_timeout_ms: 10_000,
+                    protocol,
                 };
                 first += count;
                 job
@@ -146,13 +161,8 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
         sources: plan.args.sources,
         ..Report::default()
     };
-    let order: &[Target] = match plan.args.target {
-        Target::Pubgate => &[Target::Pubgate],
-        Target::Baseline => &[Target::Baseline],
-        Target::Both => &[Target::Pubgate, Target::Baseline],
-    };
     let mut half_rate = None;
-    for &target in order {
+    for target in plan.args.targets() {
         let run = run_target(&plan, target, half_rate).await?;
         if target == Target::Pubgate {
             half_rate = run.steps.iter().find(|s| s.half_peak).map(|s| s.rate);
@@ -168,6 +178,7 @@ struct Servers {
     urls: Vec<String>,
     probe: Probe,
     spawned: Vec<Spawned>,
+    nginx: Vec<Nginx>,
     redis: Option<Redis>,
     redis_url: Option<String>,
 }
@@ -176,6 +187,9 @@ impl Servers {
     async fn stop(self) {
         for s in self.spawned {
             s.stop().await;
+        }
+        for n in self.nginx {
+            n.stop().await;
         }
         if let Some(r) = self.redis {
             r.stop().await;
@@ -199,9 +213,13 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
             urls: spawned.iter().map(Spawned::ws_url).collect(),
             probe: Probe::Pids(spawned.iter().map(|s| s.pid).collect()),
             spawned,
+            nginx: Vec::new(),
             redis: None,
             redis_url: None,
         });
+    }
+    if target == Target::Nchan {
+        return start_nchan(plan).await;
     }
     if !args.url.is_empty() {
         let probe = if args.gateway_pid.is_empty() {
@@ -218,6 +236,7 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
             urls: args.url.clone(),
             probe,
             spawned: Vec::new(),
+            nginx: Vec::new(),
             redis: None,
             redis_url: args.redis_url.clone(),
         });
@@ -279,7 +298,66 @@ async fn start_servers(plan: &Plan, target: Target) -> Result<Servers, String> {
         probe: Probe::Pids(spawned.iter().map(|s| s.pid).collect()),
         redis_url: node_redis_url,
         spawned,
+        nginx: Vec::new(),
         redis,
+    })
+}
+
+/// `--nodes` nginx instances: the memory store for one, a shared Redis (private unless
+/// --redis-url) for more.
+async fn start_nchan(plan: &Plan) -> Result<Servers, String> {
+    let args = &plan.args;
+    let nodes = args.nodes;
+    let redis = if nodes > 1 && args.redis_url.is_none() {
+        Some(Redis::start().await?)
+    } else {
+        None
+    };
+    let redis_url = if nodes > 1 {
+        redis.as_ref().map(Redis::url).or(args.redis_url.clone())
+    } else {
+        None
+    };
+    let churn_margin = if plan.scenario == Scenario::Churn {
+        4096
+    } else {
+        0
+    };
+    let ping = match &args.ping_interval {
+        Some(p) => cli::parse_duration(p)?,
+        None => NCHAN_DEFAULT_PING,
+    };
+    let opts = NginxOptions {
+        bin: args.nginx_bin.clone(),
+        module: args.nchan_module.clone(),
+        workers: args.nchan_workers,
+        connections: plan.connections.div_ceil(nodes) + churn_margin,
+        redis_url: redis_url.clone(),
+        buffer: args.nchan_buffer,
+        ping_interval: ping,
+    };
+    let mut instances = Vec::new();
+    for i in 0..nodes {
+        match nchan::start(i, &opts).await {
+            Ok(n) => instances.push(n),
+            Err(e) => {
+                for n in instances {
+                    n.stop().await;
+                }
+                if let Some(r) = redis {
+                    r.stop().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(Servers {
+        urls: instances.iter().map(Nginx::ws_url).collect(),
+        probe: Probe::Pids(instances.iter().flat_map(|n| n.pids().to_vec()).collect()),
+        spawned: Vec::new(),
+        nginx: instances,
+        redis,
+        redis_url,
     })
 }
 
@@ -288,6 +366,11 @@ async fn run_target(plan: &Plan, target: Target, half_rate: Option<f64>) -> Resu
     let mut result = measure(plan, target, &servers, half_rate).await;
     for s in &mut servers.spawned {
         if let Err(e) = s.check_alive() {
+            result = Err(e);
+        }
+    }
+    for n in &mut servers.nginx {
+        if let Err(e) = n.check_alive() {
             result = Err(e);
         }
     }
@@ -351,15 +434,16 @@ async fn measure(
     half_rate: Option<f64>,
 ) -> Result<Run, String> {
     let args = &plan.args;
-    let name = match target {
-        Target::Baseline => "baseline",
-        _ => "pubgate",
-    };
+    let name = target.name();
     let mut publisher = None;
     let mut via = String::from("-");
     if plan.scenario.publishes() {
         let p = match (target, args.publish_via, &servers.redis_url) {
             (Target::Baseline, _, _) => Publisher::ws(&servers.urls, 1, true).await?,
+            (Target::Nchan, _, _) => {
+                let addrs: Vec<SocketAddr> = servers.nginx.iter().map(|n| n.addr).collect();
+                Publisher::http(&addrs, args.publishers.unwrap_or(NCHAN_PUBLISHERS)).await?
+            }
             (_, PublishVia::Redis | PublishVia::Auto, _) if args.redis_cluster.is_some() => {
                 let seeds = args.redis_cluster.as_deref().unwrap_or_default();
                 Publisher::redis_cluster(seeds, &args.channel_prefix, args.history_size > 0).await?
@@ -370,7 +454,7 @@ async fn measure(
             (_, PublishVia::Redis | PublishVia::Auto, Some(url)) => {
                 Publisher::redis(url, &args.channel_prefix, args.history_size > 0).await?
             }
-            _ => Publisher::ws(&servers.urls, args.publishers, false).await?,
+            _ => Publisher::ws(&servers.urls, args.publishers.unwrap_or(1), false).await?,
         };
         via = p.via().into();
         publisher = Some(p);
@@ -378,7 +462,12 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = servers.probe.per_process().await;
 
-    let mut pool = Pool::spawn(plan.jobs(&servers.urls)).await?;
+    let protocol = if target == Target::Nchan {
+        Protocol::Nchan
+    } else {
+        Protocol::Pubgate
+    };
+    let mut pool = Pool::spawn(plan.jobs(&servers.urls, protocol)).await?;
     let ticker = Ticker::start(args.quiet, name.to_string(), pool.progress());
     ticker.set(format!("connecting {} connections", plan.connections));
     let connect_start = Instant::now();
@@ -528,7 +617,12 @@ impl StepCtx<'_> {
         } else {
             0.0
         };
-        self.pool.send(&Cmd::Start { rate: churn_rate }).await?;
+        self.pool
+            .send(&Cmd::Start {
+                rate: churn_rate,
+                since_ns: start_ns,
+            })
+            .await?;
         let mut step = Step {
             rate,
             half_peak,
@@ -587,6 +681,7 @@ impl StepCtx<'_> {
             }
         }
         step.deliveries = counters.deliveries;
+        step.late_deliveries = counters.late;
         step.latency = Latency::of(&hist);
         step.open_at_end = counters.open;
         step.closed_by_server = counters.closed;

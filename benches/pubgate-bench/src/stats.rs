@@ -85,6 +85,9 @@ pub struct Step {
     pub published_per_s: f64,
     pub expected_deliveries: u64,
     pub deliveries: u64,
+    /// Deliveries of an earlier step's messages that arrived during this one (a backlog the
+    /// earlier step's drain gave up on): in neither `deliveries` nor the latency figures.
+    pub late_deliveries: u64,
     pub deliveries_per_s: f64,
     /// deliveries / expected_deliveries.
     pub delivery_ratio: f64,
@@ -176,7 +179,7 @@ impl Machine {
     }
 }
 
-/// Pubgate's figure divided by the baseline's, per step index.
+/// One target's figure divided by another's (e.g. pubgate's by the bare writer's), per step index.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Ratios {
     pub cpu_per_delivery: Vec<Option<f64>>,
@@ -200,34 +203,34 @@ pub struct Report {
     pub workers: usize,
     pub sources: usize,
     pub runs: Vec<Run>,
+    /// pubgate / bare writer.
     pub ratios: Option<Ratios>,
+    /// Nchan / bare writer.
+    pub ratios_nchan: Option<Ratios>,
+    /// pubgate / Nchan.
+    pub ratios_pubgate_nchan: Option<Ratios>,
 }
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
     (a.is_finite() && b.is_finite() && b > 0.0 && a > 0.0).then(|| a / b)
 }
 
-impl Report {
-    /// Fills `ratios` when both a pubgate and a baseline run are present.
-    pub fn compute_ratios(&mut self) {
-        let gw = self.runs.iter().find(|r| r.target == "pubgate");
-        let base = self.runs.iter().find(|r| r.target == "baseline");
-        let (Some(gw), Some(base)) = (gw, base) else {
-            return;
-        };
+impl Ratios {
+    /// `num`'s figures over `den`'s, step by step.
+    fn between(num: &Run, den: &Run) -> Ratios {
         let pair = |f: &dyn Fn(&Step) -> f64| -> Vec<Option<f64>> {
-            gw.steps
+            num.steps
                 .iter()
-                .zip(base.steps.iter())
-                .map(|(g, b)| ratio(f(g), f(b)))
+                .zip(den.steps.iter())
+                .map(|(a, b)| ratio(f(a), f(b)))
                 .collect()
         };
-        self.ratios = Some(Ratios {
+        Ratios {
             cpu_per_delivery: pair(&|s| s.cpu_ns_per_delivery),
             deliveries_per_s: pair(&|s| s.deliveries_per_s),
             p99: pair(&|s| s.latency.p99_us),
-            peak_deliveries_per_s: ratio(gw.peak_deliveries_per_s, base.peak_deliveries_per_s),
-            rss_per_connection: ratio(gw.rss_per_connection_bytes, base.rss_per_connection_bytes),
+            peak_deliveries_per_s: ratio(num.peak_deliveries_per_s, den.peak_deliveries_per_s),
+            rss_per_connection: ratio(num.rss_per_connection_bytes, den.rss_per_connection_bytes),
             cpu_per_cycle: pair(&|s| {
                 if s.cycles > 0 {
                     s.server.cpu_s * 1e9 / s.cycles as f64
@@ -235,7 +238,18 @@ impl Report {
                     0.0
                 }
             }),
-        });
+        }
+    }
+}
+
+impl Report {
+    /// Fills the ratios of every pair of targets the run measured.
+    pub fn compute_ratios(&mut self) {
+        let run = |t: &str| self.runs.iter().find(|r| r.target == t);
+        let of = |a: &str, b: &str| Some(Ratios::between(run(a)?, run(b)?));
+        self.ratios = of("pubgate", "baseline");
+        self.ratios_nchan = of("nchan", "baseline");
+        self.ratios_pubgate_nchan = of("pubgate", "nchan");
     }
 
     /// The human-readable table.
@@ -345,6 +359,13 @@ impl Report {
                 if let Some(e) = &s.first_error {
                     let _ = writeln!(out, "  step {:.0}/s first error: {e}", s.rate);
                 }
+                if s.late_deliveries > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  step {:.0}/s: {} late deliveries of the step before (not counted)",
+                        s.rate, s.late_deliveries
+                    );
+                }
             }
             if let Some(s) = run.steps.last() {
                 let _ = write!(
@@ -358,7 +379,13 @@ impl Report {
                 let _ = writeln!(out);
             }
         }
-        if let Some(r) = &self.ratios {
+        let pairs = [
+            ("pubgate / baseline", &self.ratios),
+            ("nchan / baseline", &self.ratios_nchan),
+            ("pubgate / nchan", &self.ratios_pubgate_nchan),
+        ];
+        for (title, r) in pairs {
+            let Some(r) = r else { continue };
             let fmt = |v: &[Option<f64>]| {
                 v.iter()
                     .map(|x| x.map_or("-".to_string(), |x| format!("{x:.2}")))
@@ -366,7 +393,7 @@ impl Report {
                     .join(" ")
             };
             let one = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
-            let _ = writeln!(out, "\npubgate / baseline (per step):");
+            let _ = writeln!(out, "\n{title} (per step):");
             let _ = writeln!(out, "  cpu per delivery  {}", fmt(&r.cpu_per_delivery));
             let _ = writeln!(out, "  deliveries/s      {}", fmt(&r.deliveries_per_s));
             let _ = writeln!(out, "  p99 latency       {}", fmt(&r.p99));

@@ -23,6 +23,8 @@ const MAX_CYCLES_IN_FLIGHT: usize = 2000;
 #[derive(Default)]
 struct State {
     recording: Cell<bool>,
+    /// The start of the step being recorded (ns since the Unix epoch).
+    since_ns: Cell<u64>,
     counters: Cell<Counters>,
     hist: RefCell<Option<Histogram<u64>>>,
     cycle_hist: RefCell<Option<Histogram<u64>>>,
@@ -113,13 +115,15 @@ async fn run() -> Result<(), String> {
         let target = targets[i % targets.len()].clone();
         let source = client::source_for(i, job.sources, &target);
         let channel = job.channel_of(i);
+        let protocol = job.protocol;
         let gate = gate.clone();
         let done = done_tx.clone();
         let state = state.clone();
         tokio::task::spawn_local(async move {
             let permit = gate.acquire().await;
             let t0 = Instant::now();
-            let result = client::connect_subscribed(&target, source, &channel, limit).await;
+            let result =
+                client::connect_subscribed(&target, source, &channel, limit, protocol).await;
             drop(permit);
             match result {
                 Ok(ws) => {
@@ -179,12 +183,13 @@ async fn run() -> Result<(), String> {
                 let Ok(Some(line)) = line else { break };
                 let cmd: Cmd = serde_json::from_str(&line).map_err(|e| format!("bad command: {e}"))?;
                 match cmd {
-                    Cmd::Start { rate } => {
+                    Cmd::Start { rate, since_ns } => {
                         let open = state.counters.get().open;
                         state.counters.set(Counters { open, ..Counters::default() });
                         *state.hist.borrow_mut() = Some(new_hist());
                         *state.cycle_hist.borrow_mut() = Some(new_hist());
                         *state.first_error.borrow_mut() = None;
+                        state.since_ns.set(since_ns);
                         state.recording.set(true);
                         if rate > 0.0 {
                             churn = Some(tokio::task::spawn_local(churn_loop(
@@ -243,7 +248,9 @@ async fn read_deliveries(mut ws: Ws, state: &State) {
         match frame.opcode {
             OpCode::Text => {
                 if let Some(sent) = delivery_stamp(&frame.payload) {
-                    if state.recording.get() {
+                    if state.recording.get() && sent < state.since_ns.get() {
+                        state.update(|c| c.late += 1);
+                    } else if state.recording.get() {
                         let now = client::now_ns();
                         State::record(&state.hist, now.saturating_sub(sent));
                         state.update(|c| {
@@ -294,12 +301,13 @@ async fn churn_loop(job: Job, targets: Vec<Target>, rate: f64, limit: Duration, 
         let target = targets[k % targets.len()].clone();
         let source = client::source_for(k, job.sources, &target);
         let channel = job.channel_of(k);
+        let protocol = job.protocol;
         let state = state.clone();
         let in_flight = in_flight.clone();
         in_flight.set(in_flight.get() + 1);
         tokio::task::spawn_local(async move {
             let t0 = Instant::now();
-            match client::connect_subscribed(&target, source, &channel, limit).await {
+            match client::connect_subscribed(&target, source, &channel, limit, protocol).await {
                 Ok(mut ws) => {
                     if state.recording.get() {
                         State::record(&state.cycle_hist, t0.elapsed().as_nanos() as u64);

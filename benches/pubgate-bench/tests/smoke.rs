@@ -256,3 +256,82 @@ async fn spawned_node_with_redis_publishing() {
     assert_all_delivered(run, 40);
     assert!(run["steps"][0]["redis"]["cpu_s"].as_f64().is_some());
 }
+
+/// Whether Debian's nginx with the Nchan module is installed (.ci/run installs it).
+fn nchan_installed() -> bool {
+    let found = std::path::Path::new("/usr/sbin/nginx").is_file()
+        && std::path::Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so").is_file();
+    if !found {
+        eprintln!("skipped: no nginx with Nchan (apt-get install nginx libnginx-mod-nchan)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nchan_on_two_nodes_sharing_redis() {
+    if !nchan_installed() {
+        return;
+    }
+    let report = bench(
+        "nchan-fanout",
+        &[
+            "fanout",
+            "--target",
+            "nchan",
+            "--nodes",
+            "2",
+            "-c",
+            "40",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    let run = run(&report, "nchan");
+    assert_eq!(run["publish_via"], "http");
+    assert_eq!(run["nodes"], 2);
+    // Half the messages are posted to each instance: they reach the other's subscribers only
+    // through Redis.
+    assert_all_delivered(run, 40);
+    let step = &run["steps"][0];
+    assert!(step["redis"]["cpu_s"].as_f64().is_some(), "{step}");
+    // Two masters with at least one worker each.
+    let pids = step["server"]["pids"].as_array().unwrap();
+    assert!(pids.len() >= 4, "{step}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nchan_alone_on_its_memory_store() {
+    if !nchan_installed() {
+        return;
+    }
+    let report = bench(
+        "nchan-channels",
+        &[
+            "channels",
+            "--target",
+            "nchan",
+            "-c",
+            "50",
+            "--channels",
+            "5",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+            "--nchan-workers",
+            "2",
+        ],
+    )
+    .await;
+    let run = run(&report, "nchan");
+    assert_eq!(run["nodes"], 1);
+    assert_all_delivered(run, 50);
+    assert!(run["steps"][0]["redis"].is_null(), "{run}");
+    assert_eq!(
+        run["steps"][0]["server"]["pids"].as_array().unwrap().len(),
+        3
+    );
+}
