@@ -165,4 +165,82 @@ mod tests {
             0
         );
     }
+
+    /// A broker that refuses the first `refusals` subscribes, like a Redis broker still
+    /// connecting, and records when each was tried (ms since the test began).
+    struct Connecting {
+        refusals: std::sync::Mutex<usize>,
+        tries: std::sync::Mutex<Vec<u64>>,
+        start: tokio::time::Instant,
+    }
+
+    #[async_trait::async_trait]
+    impl Broker for Connecting {
+        async fn subscribe(&self, _channel: &str) -> Result<(), crate::error::BrokerError> {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.tries.lock().unwrap().push(ms);
+            let mut refusals = self.refusals.lock().unwrap();
+            if *refusals == 0 {
+                return Ok(());
+            }
+            *refusals -= 1;
+            Err(crate::error::BrokerError::Down)
+        }
+
+        async fn unsubscribe(&self, _channel: &str) -> Result<(), crate::error::BrokerError> {
+            Ok(())
+        }
+
+        async fn publish(
+            &self,
+            _channel: &str,
+            _payload: bytes::Bytes,
+        ) -> Result<(), crate::error::BrokerError> {
+            Ok(())
+        }
+
+        fn is_up(&self) -> bool {
+            true
+        }
+    }
+
+    fn connecting(refusals: usize) -> Arc<Connecting> {
+        Arc::new(Connecting {
+            refusals: std::sync::Mutex::new(refusals),
+            tries: std::sync::Mutex::default(),
+            start: tokio::time::Instant::now(),
+        })
+    }
+
+    /// The node is not ready until the control channel is live: a refused subscribe is retried
+    /// with a backoff doubling from 20 ms up to 250 ms until the broker takes it.
+    #[tokio::test(start_paused = true)]
+    async fn the_control_subscribe_is_retried_until_the_broker_takes_it() {
+        let broker = connecting(6);
+        let live = Arc::new(AtomicBool::new(false));
+        let dyn_broker: Arc<dyn Broker> = broker.clone();
+        subscribe(&dyn_broker, &live).await;
+        assert!(!live.load(Ordering::Acquire));
+        tokio::time::sleep(Duration::from_millis(799)).await;
+        assert!(!live.load(Ordering::Acquire));
+        // Past the try at 800 ms (a task woken at the same instant may run after this one).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(live.load(Ordering::Acquire));
+        let tries = broker.tries.lock().unwrap().clone();
+        assert_eq!(tries, [0, 20, 60, 140, 300, 550, 800]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_stops_with_the_node() {
+        let broker = connecting(usize::MAX);
+        let live = Arc::new(AtomicBool::new(false));
+        let dyn_broker: Arc<dyn Broker> = broker.clone();
+        subscribe(&dyn_broker, &live).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The node (which holds both) is gone.
+        drop((dyn_broker, live));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let tries = broker.tries.lock().unwrap().clone();
+        assert_eq!(tries, [0, 20, 60]);
+    }
 }

@@ -330,7 +330,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::wire::Budget;
+    use crate::wire::{Budget, CloseReason};
 
     fn outbox(key: u64) -> Arc<Outbox> {
         let member = Member {
@@ -350,6 +350,33 @@ mod tests {
         let mut frames = VecDeque::new();
         outbox.take(&mut frames);
         frames.len()
+    }
+
+    fn with_budget(key: u64, frames: usize, bytes: usize) -> Arc<Outbox> {
+        let member = outbox(key).member.clone();
+        Arc::new(Outbox::new(key, member, Budget { frames, bytes }))
+    }
+
+    /// The payloads of the frames queued for `outbox` (taken, as the writer would), in order.
+    fn texts(outbox: &Outbox) -> Vec<String> {
+        let mut frames = VecDeque::new();
+        outbox.take(&mut frames);
+        frames
+            .iter()
+            .map(|f| {
+                // Test frames are short unmasked text frames: a 2-byte header.
+                assert_eq!((f[0], f[1] < 126), (0x81, true), "{f:?}");
+                String::from_utf8(f[2..].to_vec()).unwrap()
+            })
+            .collect()
+    }
+
+    fn message(channel: &str, n: u64) -> String {
+        format!(r#"{{"type":"message","channel":"{channel}","data":{n}}}"#)
+    }
+
+    fn dropped(metrics: &Metrics, reason: &str) -> u64 {
+        metrics.messages_dropped.with_label_values(&[reason]).get()
     }
 
     #[test]
@@ -394,5 +421,244 @@ mod tests {
             .collect();
         assert_eq!(pushed.iter().filter(|p| **p == Push::Queued).count(), 1);
         assert_eq!((queued(&a), queued(&b)), (0, 1));
+    }
+
+    #[test]
+    fn subscribing_and_unsubscribing_keep_the_gauges_and_the_channel_exact() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let (a, b) = (outbox(1), outbox(2));
+        let gauges = || {
+            (
+                metrics.subscriptions.get(),
+                metrics.channels.get(),
+                metrics.presence_members.get(),
+            )
+        };
+        assert!(hub.add("x", &a) && hub.add("x", &b) && hub.add("y", &a));
+        assert!(!hub.add("x", &a));
+        // Presence-event entries are not client subscriptions: out of the gauges.
+        assert!(hub.add("__presence:x", &b));
+        assert_eq!(gauges(), (3, 2, 3));
+        assert!(!hub.remove("x", 1), "b is still subscribed to x");
+        assert!(hub.has_channel("x"));
+        assert!(!hub.remove("x", 1), "a second remove changes nothing");
+        assert_eq!(gauges(), (2, 2, 2));
+        assert!(hub.remove("x", 2) && hub.remove("y", 1));
+        assert!(hub.remove("__presence:x", 2));
+        assert!(!hub.has_channel("x") && !hub.has_channel("y"));
+        assert_eq!(gauges(), (0, 0, 0));
+        hub.deliver("x", b"1", None);
+        assert_eq!((queued(&a), queued(&b)), (0, 0));
+        assert_eq!(metrics.messages_delivered.get(), 0);
+    }
+
+    /// The copy-on-write list is rebuilt after each change: a delivery after an unsubscribe
+    /// does not reach the removed subscription, one after a subscribe reaches the new one.
+    #[test]
+    fn deliveries_follow_the_subscriptions_of_the_moment() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let (a, b, c) = (outbox(1), outbox(2), outbox(3));
+        hub.add("ch", &a);
+        hub.add("ch", &b);
+        hub.deliver("ch", b"1", None);
+        let before = hub.subscribers("ch").unwrap();
+        hub.remove("ch", 1);
+        let after = hub.subscribers("ch").unwrap();
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert_eq!((before.len(), after.len()), (2, 1));
+        hub.deliver("ch", b"2", None);
+        hub.add("ch", &c);
+        hub.deliver("ch", b"3", None);
+        assert_eq!(texts(&a), [message("ch", 1)]);
+        assert_eq!(
+            texts(&b),
+            [message("ch", 1), message("ch", 2), message("ch", 3)]
+        );
+        assert_eq!(texts(&c), [message("ch", 3)]);
+        assert_eq!(metrics.messages_delivered.get(), 5);
+    }
+
+    /// Fan-out runs on other threads while the connection unsubscribes: whatever the
+    /// interleaving, once `remove` returned, the reply queued after it (`unsubscribed`) is the
+    /// subscription's last frame.
+    #[test]
+    fn nothing_is_queued_after_unsubscribed_while_fan_out_runs() {
+        let hub = Arc::new(Hub::new(Arc::new(Metrics::new().unwrap())));
+        for round in 0..50u64 {
+            // Room enough that nobody overflows while nothing is taken.
+            let (a, b) = (
+                with_budget(1, 1 << 30, 1 << 40),
+                with_budget(2, 1 << 30, 1 << 40),
+            );
+            hub.add("ch", &a);
+            hub.add("ch", &b);
+            let stop = Arc::new(AtomicBool::new(false));
+            let fan_outs: Vec<_> = (0..2)
+                .map(|_| {
+                    let (hub, stop) = (hub.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            hub.deliver("ch", b"1", None);
+                        }
+                    })
+                })
+                .collect();
+            // Let a few deliveries through first (every round, a different point).
+            while a.queued_bytes() < (round % 7 + 1) as usize * 10 {
+                std::thread::yield_now();
+            }
+            hub.remove("ch", 1);
+            assert_eq!(
+                a.try_push(Bytes::from_static(b"\x81\x0cunsubscribed")),
+                Push::Queued
+            );
+            // b keeps receiving after a left.
+            let b_then = b.queued_bytes();
+            while b.queued_bytes() == b_then {
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Relaxed);
+            fan_outs.into_iter().for_each(|t| t.join().unwrap());
+            let frames = texts(&a);
+            assert_eq!(frames.last().map(String::as_str), Some("unsubscribed"));
+            assert!(frames[..frames.len() - 1]
+                .iter()
+                .all(|f| *f == message("ch", 1)));
+            hub.remove("ch", 2);
+        }
+    }
+
+    #[test]
+    fn each_channel_arrives_in_delivery_order() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (a, b) = (outbox(1), outbox(2));
+        hub.add("x", &a);
+        hub.add("y", &a);
+        hub.add("x", &b);
+        for n in 0..50 {
+            hub.deliver("x", n.to_string().as_bytes(), None);
+            hub.deliver("y", (100 + n).to_string().as_bytes(), None);
+        }
+        let of = |frames: &[String], channel: &str| -> Vec<String> {
+            frames
+                .iter()
+                .filter(|f| f.contains(&format!(r#""channel":"{channel}""#)))
+                .cloned()
+                .collect()
+        };
+        let (a, b) = (texts(&a), texts(&b));
+        let x: Vec<String> = (0..50).map(|n| message("x", n)).collect();
+        let y: Vec<String> = (100..150).map(|n| message("y", n)).collect();
+        assert_eq!((of(&a, "x"), of(&a, "y")), (x.clone(), y));
+        assert_eq!(b, x);
+    }
+
+    /// A subscriber whose queue is full is closed as a slow consumer and counted once; the
+    /// others get every message.
+    #[test]
+    fn a_full_queue_closes_only_that_connection() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let slow = with_budget(1, 3, 1 << 20);
+        let fast = with_budget(2, 3, 1 << 20);
+        hub.add("ch", &slow);
+        hub.add("ch", &fast);
+        let mut got = Vec::new();
+        for n in 0..10 {
+            hub.deliver("ch", n.to_string().as_bytes(), None);
+            // The fast one's writer keeps up.
+            got.extend(texts(&fast));
+        }
+        assert_eq!(got, (0..10).map(|n| message("ch", n)).collect::<Vec<_>>());
+        assert_eq!(slow.close_reason(), CloseReason::SlowConsumer);
+        assert_eq!(
+            CloseReason::SlowConsumer.frame(),
+            Some((1008, "slow consumer"))
+        );
+        // What it had queued before the overflow stays (its writer sends it before the close).
+        assert_eq!(
+            texts(&slow),
+            (0..3).map(|n| message("ch", n)).collect::<Vec<_>>()
+        );
+        assert!(!fast.is_closing());
+        assert_eq!(dropped(&metrics, "slow_consumer"), 1);
+        assert_eq!(metrics.messages_delivered.get(), 10 + 3);
+    }
+
+    #[test]
+    fn the_byte_budget_overflows_like_the_frame_count() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let frame_len = encode_delivery("ch", b"1").len();
+        let slow = with_budget(1, 100, frame_len * 5 / 2);
+        hub.add("ch", &slow);
+        for n in 1..=3 {
+            hub.deliver("ch", n.to_string().as_bytes(), None);
+        }
+        assert_eq!(slow.close_reason(), CloseReason::SlowConsumer);
+        assert_eq!(slow.queued_bytes(), 2 * frame_len);
+        assert_eq!(dropped(&metrics, "slow_consumer"), 1);
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_dropped_before_fan_out() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::with_max_payload(metrics.clone(), 4);
+        let a = outbox(1);
+        hub.add("ch", &a);
+        hub.deliver("ch", b"12345", None);
+        hub.deliver("ch", b"1234", None);
+        assert_eq!(texts(&a), [message("ch", 1234)]);
+        assert_eq!(dropped(&metrics, "too_big"), 1);
+    }
+
+    /// A gated (history) subscription holds its live messages until it goes live while the
+    /// other subscribers of the channel get them at once; both see one order.
+    #[test]
+    fn a_gated_subscription_does_not_hold_up_the_others() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (plain, gated) = (outbox(1), outbox(2));
+        hub.add("ch", &plain);
+        let gate = hub.add_gated("ch", &gated, gated_budget()).unwrap();
+        assert!(hub.add_gated("ch", &gated, gated_budget()).is_none());
+        let at = |offset| Some(Position { offset, epoch: "e" });
+        for n in 1..=4 {
+            hub.deliver("ch", n.to_string().as_bytes(), at(n));
+        }
+        assert_eq!(texts(&plain).len(), 4);
+        assert_eq!(queued(&gated), 0);
+        // The replay covered up to 2.
+        gate.go_live(&gated, "e", 2);
+        hub.deliver("ch", b"5", at(5));
+        let with_offset = |n| {
+            let m = message("ch", n);
+            format!(r#"{},"offset":{n}}}"#, &m[..m.len() - 1])
+        };
+        assert_eq!(texts(&gated), [3, 4, 5].map(with_offset));
+        assert_eq!(texts(&plain), [with_offset(5)]);
+    }
+
+    fn gated_budget() -> Budget {
+        Budget {
+            frames: 10,
+            bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_presence_event_skips_the_member_it_is_about() {
+        let hub = Hub::new(Arc::new(Metrics::new().unwrap()));
+        let (a, b) = (outbox(1), outbox(2));
+        hub.add("__presence:ch", &a);
+        hub.add("__presence:ch", &b);
+        let event = crate::presence::event_json(
+            crate::presence::EventKind::Join,
+            "ch",
+            &a.member.to_json(),
+        );
+        hub.deliver("__presence:ch", event.as_bytes(), None);
+        assert_eq!((texts(&a), texts(&b)), (vec![], vec![event]));
     }
 }

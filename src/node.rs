@@ -754,3 +754,302 @@ async fn heartbeat(node: std::sync::Weak<Node>, every: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Time-driven node logic on paused time: the presence heartbeat (cadence, the streak before
+    //! reaping, restoring lost members) and the drain's presence release. The Redis store itself
+    //! cannot run on paused time (a paused clock fires its command timeouts while Redis answers
+    //! on a real socket), so a scripted store decides what each heartbeat finds, over the memory
+    //! store for the members. The broker probe lives in the Redis broker and needs a real Redis:
+    //! the integration tests cover it.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex as SyncMutex;
+
+    use async_trait::async_trait;
+    use tokio::time::{sleep, Instant};
+
+    use super::*;
+    use crate::auth::Identity;
+    use crate::presence::Heartbeat;
+
+    /// What the store was asked, and when (ms since the test began).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Beat,
+        /// The conn ids of the members to restore.
+        Restore(Vec<String>),
+        /// How many (channel, member) pairs in one removal.
+        Remove(usize),
+        Reap(String),
+    }
+
+    struct Scripted {
+        store: MemoryPresence,
+        /// What the next heartbeats find (`Err`: the beat fails); then a healthy beat.
+        beats: SyncMutex<VecDeque<Result<Heartbeat, ()>>>,
+        /// Whether the next restores fail; then they succeed.
+        restores: SyncMutex<VecDeque<bool>>,
+        restore_takes: Duration,
+        remove_takes: Duration,
+        calls: SyncMutex<Vec<(u64, Call)>>,
+        start: Instant,
+    }
+
+    impl Scripted {
+        fn new(beats: Vec<Result<Heartbeat, ()>>) -> Scripted {
+            Scripted {
+                store: MemoryPresence::new(),
+                beats: SyncMutex::new(beats.into()),
+                restores: SyncMutex::default(),
+                restore_takes: Duration::ZERO,
+                remove_takes: Duration::ZERO,
+                calls: SyncMutex::default(),
+                start: Instant::now(),
+            }
+        }
+
+        fn log(&self, call: Call) {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.calls.lock().unwrap().push((ms, call));
+        }
+
+        fn calls(&self) -> Vec<(u64, Call)> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn beats(&self) -> Vec<u64> {
+            let calls = self.calls();
+            calls
+                .into_iter()
+                .filter(|(_, c)| *c == Call::Beat)
+                .map(|(ms, _)| ms)
+                .collect()
+        }
+
+        /// Every call but the beats.
+        fn others(&self) -> Vec<(u64, Call)> {
+            let calls = self.calls();
+            calls
+                .into_iter()
+                .filter(|(_, c)| *c != Call::Beat)
+                .collect()
+        }
+    }
+
+    #[async_trait]
+    impl Presence for Scripted {
+        async fn add(&self, channel: &str, member: &Member) -> Result<bool, BrokerError> {
+            self.store.add(channel, member).await
+        }
+
+        async fn remove_pairs(&self, pairs: &[(&str, &str)]) -> Result<usize, BrokerError> {
+            if !pairs.is_empty() {
+                self.log(Call::Remove(pairs.len()));
+            }
+            sleep(self.remove_takes).await;
+            self.store.remove_pairs(pairs).await
+        }
+
+        async fn list(&self, channel: &str, max: usize) -> Result<Listing, BrokerError> {
+            self.store.list(channel, max).await
+        }
+
+        async fn restore(&self, members: &[(String, Member)]) -> Result<usize, BrokerError> {
+            let ids = members.iter().map(|(_, m)| m.conn_id.clone()).collect();
+            self.log(Call::Restore(ids));
+            sleep(self.restore_takes).await;
+            if self.restores.lock().unwrap().pop_front() == Some(false) {
+                return Err(BrokerError::Down);
+            }
+            self.store.restore(members).await
+        }
+
+        async fn unindex(&self, _channel: &str) -> Result<(), BrokerError> {
+            Ok(())
+        }
+
+        async fn heartbeat(&self) -> Result<Heartbeat, BrokerError> {
+            self.log(Call::Beat);
+            let next = self.beats.lock().unwrap().pop_front();
+            next.unwrap_or(Ok(Heartbeat::default()))
+                .map_err(|()| BrokerError::Down)
+        }
+
+        async fn reap(&self, node: &str) -> Result<usize, BrokerError> {
+            self.log(Call::Reap(node.to_owned()));
+            Ok(2)
+        }
+    }
+
+    /// A memory node whose presence store is `presence`.
+    async fn node(presence: Arc<Scripted>) -> Arc<Node> {
+        let mut node = Node::start(&Config::default(), "n1".into()).await.unwrap();
+        Arc::get_mut(&mut node)
+            .expect("nothing else holds a new memory node")
+            .presence = presence;
+        node
+    }
+
+    fn events(node: &Node, kind: EventKind) -> u64 {
+        node.metrics
+            .presence_events
+            .with_label_values(&[kind.as_str()])
+            .get()
+    }
+
+    fn dead(node: &str) -> Result<Heartbeat, ()> {
+        Ok(Heartbeat {
+            dead: vec![node.into()],
+            ..Heartbeat::default()
+        })
+    }
+
+    /// Every tenth of the TTL, and dead nodes are reaped only by a node with three good beats
+    /// in a row (a failed beat starts the count again).
+    #[tokio::test(start_paused = true)]
+    async fn the_heartbeat_reaps_only_after_three_good_beats_in_a_row() {
+        let beats = vec![
+            dead("a"),
+            dead("b"),
+            dead("c"),
+            Err(()),
+            dead("d"),
+            dead("e"),
+            dead("f"),
+        ];
+        let presence = Arc::new(Scripted::new(beats));
+        let node = node(presence.clone()).await;
+        let every = RedisPresence::beat_interval(Duration::from_secs(30));
+        assert_eq!(every, Duration::from_secs(3));
+        tokio::spawn(heartbeat(Arc::downgrade(&node), every));
+        sleep(Duration::from_millis(19_500)).await;
+        assert_eq!(
+            presence.beats(),
+            [0, 3000, 6000, 9000, 12_000, 15_000, 18_000]
+        );
+        assert_eq!(
+            presence.others(),
+            [
+                (6000, Call::Reap("c".into())),
+                (18_000, Call::Reap("f".into()))
+            ]
+        );
+        assert_eq!(events(&node, EventKind::Leave), 4);
+    }
+
+    /// A store that lost the node gets its members back, but not while another node is reaping
+    /// it, and a failed restore is retried on the next beat.
+    #[tokio::test(start_paused = true)]
+    async fn lost_members_are_restored_once_no_reaper_holds_the_node() {
+        let lost = |being_reaped| {
+            Ok(Heartbeat {
+                lost: true,
+                being_reaped,
+                dead: Vec::new(),
+            })
+        };
+        let presence = Arc::new(Scripted::new(vec![lost(true), lost(true)]));
+        presence.restores.lock().unwrap().push_back(false);
+        let node = node(presence.clone()).await;
+        let outbox = node.register(&Identity::anonymous());
+        node.subscribe(&outbox, "ch").await.unwrap();
+        // The store forgets the member (Redis restarted empty).
+        presence.store.remove("ch", outbox.conn_id()).await.unwrap();
+        tokio::spawn(heartbeat(Arc::downgrade(&node), Duration::from_secs(3)));
+        sleep(Duration::from_millis(12_500)).await;
+        let id = vec![outbox.conn_id().to_owned()];
+        assert_eq!(
+            presence.others(),
+            [(6000, Call::Restore(id.clone())), (9000, Call::Restore(id))]
+        );
+        assert_eq!(node.presence("ch", false).await.unwrap().count, 1);
+        assert_eq!(events(&node, EventKind::Join), 2, "subscribe and restore");
+    }
+
+    /// A member that leaves while a restore is in flight was re-added by it: the heartbeat
+    /// removes it again, so no ghost stays in presence.
+    #[tokio::test(start_paused = true)]
+    async fn a_member_leaving_during_a_restore_does_not_come_back() {
+        let lost = Ok(Heartbeat {
+            lost: true,
+            ..Heartbeat::default()
+        });
+        let mut presence = Scripted::new(vec![lost]);
+        presence.restore_takes = Duration::from_secs(1);
+        let presence = Arc::new(presence);
+        let node = node(presence.clone()).await;
+        let (a, b) = (
+            node.register(&Identity::anonymous()),
+            node.register(&Identity::anonymous()),
+        );
+        node.subscribe(&a, "ch").await.unwrap();
+        node.subscribe(&b, "ch").await.unwrap();
+        presence
+            .store
+            .remove_pairs(&[("ch", a.conn_id()), ("ch", b.conn_id())])
+            .await
+            .unwrap();
+        tokio::spawn(heartbeat(Arc::downgrade(&node), Duration::from_secs(3)));
+        sleep(Duration::from_millis(500)).await;
+        node.unsubscribe(&a, "ch").await;
+        sleep(Duration::from_secs(1)).await;
+        let listing = node.presence("ch", false).await.unwrap();
+        assert_eq!(listing.count, 1);
+        assert_eq!(listing.members[0].conn_id, b.conn_id());
+        assert_eq!(events(&node, EventKind::Join), 2 + 2);
+        assert_eq!(events(&node, EventKind::Leave), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_heartbeat_ends_with_the_node() {
+        let presence = Arc::new(Scripted::new(Vec::new()));
+        let node = node(presence.clone()).await;
+        let beating = tokio::spawn(heartbeat(Arc::downgrade(&node), Duration::from_secs(3)));
+        sleep(Duration::from_secs(4)).await;
+        drop(node);
+        sleep(Duration::from_secs(3)).await;
+        assert!(beating.is_finished());
+        assert_eq!(presence.beats(), [0, 3000]);
+    }
+
+    /// A drain removes the node's members in one batch within its budget; a store slower
+    /// than that is given up on (the heartbeat's lapse reaps the rest), and the closing
+    /// connections then skip their own removals.
+    #[tokio::test(start_paused = true)]
+    async fn the_presence_release_is_one_batch_bounded_by_its_budget() {
+        let presence = Arc::new(Scripted::new(Vec::new()));
+        let node = node(presence.clone()).await;
+        let (a, b) = (
+            node.register(&Identity::anonymous()),
+            node.register(&Identity::anonymous()),
+        );
+        node.subscribe(&a, "x").await.unwrap();
+        node.subscribe(&a, "y").await.unwrap();
+        node.subscribe(&b, "x").await.unwrap();
+        let started = Instant::now();
+        node.release_presence(Duration::from_secs(2)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(presence.others(), [(0, Call::Remove(3))]);
+        assert_eq!(events(&node, EventKind::Leave), 3);
+        assert_eq!(node.presence("x", true).await.unwrap().count, 0);
+        node.disconnect(&a, &["x".into(), "y".into()], &[]).await;
+        assert_eq!(presence.others().len(), 1, "no second removal");
+        assert!(!node.hub().has_channel("y"));
+
+        let mut slow = Scripted::new(Vec::new());
+        slow.remove_takes = Duration::from_secs(3600);
+        let slow = Arc::new(slow);
+        let node = self::node(slow.clone()).await;
+        let a = node.register(&Identity::anonymous());
+        node.subscribe(&a, "x").await.unwrap();
+        let started = Instant::now();
+        node.release_presence(Duration::from_secs(2)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        node.disconnect(&a, &["x".into()], &[]).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(slow.others(), [(0, Call::Remove(1))]);
+        assert_eq!(events(&node, EventKind::Leave), 0);
+    }
+}

@@ -18,11 +18,11 @@ use std::pin::{pin, Pin};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncWrite, WriteHalf};
+use tokio::io::AsyncWrite;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Io, Limits, Liveness};
+use super::{Limits, Liveness};
 use crate::metrics::Metrics;
 use crate::wire::frame::{self, PING_FRAME};
 use crate::wire::{CloseReason, Outbox};
@@ -35,8 +35,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// A drained batch queue keeps at most this many slots, so a past burst does not pin memory.
 const KEEP_SLOTS: usize = 64;
 
-type Sink = WriteHalf<Io>;
-
 /// The socket failed: drop the connection.
 struct Abort;
 
@@ -48,8 +46,10 @@ struct Batch {
     mid_frame: bool,
 }
 
-pub async fn run(
-    mut sink: Sink,
+/// Writes `outbox`'s frames to `sink` (the socket's write half) until the connection closes, then
+/// sends the close frame.
+pub async fn run<S: AsyncWrite + Unpin>(
+    mut sink: S,
     outbox: &Outbox,
     liveness: &Liveness,
     peer_closed: &CancellationToken,
@@ -114,8 +114,8 @@ enum Event {
 }
 
 /// Writes until the connection starts closing.
-async fn serve(
-    sink: &mut Sink,
+async fn serve<S: AsyncWrite + Unpin>(
+    sink: &mut S,
     outbox: &Outbox,
     liveness: &Liveness,
     limits: &Limits,
@@ -207,8 +207,8 @@ async fn serve(
 
 /// One write of as many queued frames as fit in one syscall: accepts some bytes or none, so
 /// dropping it while pending loses nothing.
-fn write_some<'a>(
-    sink: &'a mut Sink,
+fn write_some<'a, S: AsyncWrite + Unpin>(
+    sink: &'a mut S,
     frames: &'a VecDeque<Bytes>,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
     // The iovec array lives only inside one poll, not in the connection's future; a lone frame
@@ -228,8 +228,8 @@ fn write_some<'a>(
 }
 
 /// Writes every frame of `frames` (closing time: no timers to race but the caller's bound).
-async fn write_all(
-    sink: &mut Sink,
+async fn write_all<S: AsyncWrite + Unpin>(
+    sink: &mut S,
     outbox: &Outbox,
     frames: &mut VecDeque<Bytes>,
 ) -> io::Result<()> {
@@ -262,7 +262,156 @@ fn consume(frames: &mut VecDeque<Bytes>, mut written: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{duplex, AsyncReadExt, DuplexStream};
+
     use super::*;
+    use crate::wire::protocol::encode_delivery;
+    use crate::wire::{Budget, Member, Push};
+
+    /// The defaults: a silent client or a stalled socket is let go after 35 s.
+    fn limits() -> Limits {
+        Limits {
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            max_message_size: 1 << 16,
+            rate_limit: 0,
+            rate_burst: 0,
+        }
+    }
+
+    fn outbox(key: u64) -> Arc<Outbox> {
+        let member = Member {
+            conn_id: format!("c{key}"),
+            node: "n".into(),
+            user: None,
+            info: None,
+        };
+        let budget = Budget {
+            frames: 1000,
+            bytes: 1 << 20,
+        };
+        Arc::new(Outbox::new(key, member, budget))
+    }
+
+    /// Everything the client side reads until the server drops the socket, as (opcode,
+    /// payload) frames (server frames are unmasked and short here).
+    async fn client(mut peer: DuplexStream) -> Vec<(u8, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        peer.read_to_end(&mut bytes).await.unwrap();
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = rest[1] as usize;
+            assert!(len < 126, "a short frame");
+            frames.push((rest[0] & 0x0f, rest[2..2 + len].to_vec()));
+            rest = &rest[2 + len..];
+        }
+        frames
+    }
+
+    fn message(n: u64) -> Vec<u8> {
+        format!(r#"{{"type":"message","channel":"ch","data":{n}}}"#).into_bytes()
+    }
+
+    fn disconnects(metrics: &Metrics, reason: &str) -> u64 {
+        metrics.disconnects.with_label_values(&[reason]).get()
+    }
+
+    /// A client that stays alive (it keeps sending) but whose socket accepts nothing is closed
+    /// as a slow consumer exactly ping interval + pong timeout after the socket last took a
+    /// byte, without a close frame; another subscriber of the same messages keeps receiving.
+    /// (Each message is queued to both as the hub's fan-out does: one frame, `try_push`.)
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_socket_is_dropped_while_the_others_keep_receiving() {
+        let metrics = Metrics::new().unwrap();
+        // The first frame fills a's socket part way; its client never reads.
+        let (stuck, _stuck_peer) = duplex(16);
+        let (open, open_peer) = duplex(1 << 16);
+        let (a, b) = (outbox(1), outbox(2));
+        let (alive_a, alive_b) = (Liveness::new(), Liveness::new());
+        let never = CancellationToken::new();
+        let limits = limits();
+        let start = Instant::now();
+        let writer_a = async {
+            run(stuck, &a, &alive_a, &never, &limits, &metrics).await;
+            start.elapsed()
+        };
+        let writer_b = run(open, &b, &alive_b, &never, &limits, &metrics);
+        let publisher = async {
+            for n in 0..45 {
+                // Both clients send something (pongs) every second.
+                alive_a.touch();
+                alive_b.touch();
+                let frame = encode_delivery("ch", n.to_string().as_bytes());
+                let pushed = [a.try_push(frame.clone()), b.try_push(frame)];
+                // a's queue holds what waits while its socket takes nothing, until it is closed.
+                // (At 35 s it depends on which of the two runs first.)
+                match n {
+                    ..35 => assert_eq!(pushed, [Push::Queued; 2], "message {n}"),
+                    35 => assert_eq!(pushed[1], Push::Queued),
+                    _ => assert_eq!(pushed, [Push::Closed, Push::Queued], "message {n}"),
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+            b.close(CloseReason::Shutdown);
+        };
+        let (a_ended, (), (), got) = tokio::join!(writer_a, writer_b, publisher, client(open_peer));
+        assert_eq!(a_ended, Duration::from_secs(35));
+        assert_eq!(a.close_reason(), CloseReason::Stalled);
+        assert_eq!(a.queued_bytes(), 0, "what it held is released");
+        assert_eq!(disconnects(&metrics, "slow_consumer"), 1);
+        assert_eq!(disconnects(&metrics, "pong_timeout"), 0);
+        let texts: Vec<Vec<u8>> = got
+            .iter()
+            .filter(|f| f.0 == 1)
+            .map(|f| f.1.clone())
+            .collect();
+        assert_eq!(texts, (0..45).map(message).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().filter(|f| f.0 == 9).count(),
+            1,
+            "one ping, at 25 s"
+        );
+        let mut close = 1001u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"server shutting down");
+        assert_eq!(got.last(), Some(&(8, close)));
+    }
+
+    /// The server pings every interval; a client that sends nothing for ping interval + pong
+    /// timeout after its last frame is closed 1008, while one that keeps sending stays.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_after_ping_interval_plus_pong_timeout() {
+        let metrics = Metrics::new().unwrap();
+        let (sink, peer) = duplex(1 << 16);
+        let a = outbox(1);
+        let alive = Liveness::new();
+        let never = CancellationToken::new();
+        let limits = limits();
+        let start = Instant::now();
+        let closed_at = async {
+            a.closing().await;
+            start.elapsed()
+        };
+        let client_sends = async {
+            // The client's last frame, at 20 s.
+            sleep(Duration::from_secs(20)).await;
+            alive.touch();
+        };
+        let writer = run(sink, &a, &alive, &never, &limits, &metrics);
+        let (closed_at, (), (), got) = tokio::join!(closed_at, client_sends, writer, client(peer));
+        assert_eq!(closed_at, Duration::from_secs(20 + 35));
+        assert_eq!(a.close_reason(), CloseReason::PongTimeout);
+        assert_eq!(disconnects(&metrics, "pong_timeout"), 1);
+        let mut close = 1008u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"pong timeout");
+        assert_eq!(
+            got,
+            [(9, vec![]), (9, vec![]), (8, close)],
+            "pings at 25 and 50 s, then the close"
+        );
+    }
 
     #[test]
     fn consume_drops_whole_frames_and_advances_into_a_partial_one() {

@@ -88,15 +88,17 @@ impl Gate {
                 held.push((position, frame.clone()));
                 Push::Queued
             }
+            // `live` is checked again under the queue's lock: the subscription may have been
+            // removed (and its `unsubscribed` queued) since the check above.
             State::Live { epoch, last } => match position {
                 Some(p) if p.epoch == &**epoch && p.offset <= *last => Push::Closed,
                 Some(p) => {
                     if p.epoch == &**epoch {
                         self.open.store(true, Ordering::Release);
                     }
-                    outbox.try_push(frame.clone())
+                    outbox.try_push_live(live, frame.clone())
                 }
-                None => outbox.try_push(frame.clone()),
+                None => outbox.try_push_live(live, frame.clone()),
             },
         }
     }
@@ -233,6 +235,41 @@ mod tests {
         assert_eq!(gate.pass(&o, &LIVE, &f, at(2)), Push::Queued);
         assert_eq!(gate.pass(&o, &LIVE, &f, at(3)), Push::Full);
         assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
+    }
+
+    /// A fan-out that passed the gate's `live` check just before the subscription was removed
+    /// (and fenced, and its `unsubscribed` queued) must not queue the message after that reply,
+    /// whatever state the gate is in by the time it gets the gate's lock.
+    #[test]
+    fn a_delivery_racing_an_unsubscribe_is_not_queued_after_it() {
+        let o = std::sync::Arc::new(outbox());
+        let live = std::sync::Arc::new(AtomicBool::new(true));
+        let gate = std::sync::Arc::new(Gate::new(frames(10)));
+        // Live, but not open yet: nothing newer than 3 has passed.
+        gate.go_live(&o, "e", 3);
+        let state = gate.lock();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let fan_out = std::thread::spawn({
+            let (o, live, gate) = (o.clone(), live.clone(), gate.clone());
+            move || {
+                started_tx.send(()).unwrap();
+                gate.pass(&o, &live, &Bytes::from_static(b"m"), at(4))
+            }
+        });
+        started.recv().unwrap();
+        // The thread is past its `live` check and waits for the gate's lock. (Correct code
+        // passes however long this is; the wait only lets the racy interleaving happen.)
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Hub::remove, then the session queues its reply.
+        live.store(false, Ordering::Relaxed);
+        o.fence();
+        assert_eq!(
+            o.try_push(Bytes::from_static(b"unsubscribed")),
+            Push::Queued
+        );
+        drop(state);
+        assert_eq!(fan_out.join().unwrap(), Push::Closed);
+        assert_eq!(queued(&o), vec![Bytes::from_static(b"unsubscribed")]);
     }
 
     fn frames(frames: usize) -> Budget {

@@ -405,13 +405,15 @@ mod tests {
         Arc::new(Outbox::new(1, member, Budget { frames, bytes }))
     }
 
+    /// `f`'s output, or `None` if it is still pending once nothing else can run (paused time:
+    /// the 200 ms pass at once).
     async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
         tokio::time::timeout(Duration::from_millis(200), f)
             .await
             .ok()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_full_queue_closes_the_connection_as_a_slow_consumer() {
         let o = outbox(2);
         assert_eq!(o.try_push(Bytes::from_static(b"1")), Push::Queued);
@@ -424,7 +426,7 @@ mod tests {
         assert_eq!(taken, [&b"1"[..], b"2"]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiting_for_the_close_does_not_take_the_writers_wake_up() {
         let o = outbox(4);
         let watcher = tokio::spawn({
@@ -445,7 +447,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_reply_waits_for_room_and_gives_up_on_close() {
         let o = outbox(1);
         assert!(o.push(Bytes::from_static(b"1")).await);
@@ -467,7 +469,7 @@ mod tests {
         assert_eq!(within(blocked).await.map(Result::unwrap), Some(false));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_byte_budget_counts_frames_until_the_socket_accepts_them() {
         let o = with_budget(100, 10);
         assert_eq!(o.try_push(Bytes::from_static(b"123456")), Push::Queued);
@@ -482,7 +484,7 @@ mod tests {
         assert_eq!(o.close_reason(), CloseReason::SlowConsumer);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_reply_waits_for_bytes_and_one_larger_than_the_budget_still_goes() {
         let o = with_budget(100, 10);
         assert!(o.push(Bytes::from_static(b"12345678")).await);
@@ -510,7 +512,7 @@ mod tests {
         assert_eq!(o.queued_bytes(), 20);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn pongs_coalesce_to_the_latest() {
         let o = with_budget(100, 10_000);
         for i in 0..1000u32 {
@@ -530,7 +532,7 @@ mod tests {
         assert_eq!(o.queued_bytes(), 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_burst_of_pings_gets_every_pong_in_order() {
         let o = with_budget(100, 10_000);
         for i in 0..10u32 {
