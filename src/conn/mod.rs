@@ -1,8 +1,9 @@
 //! One WebSocket connection: a reader and a writer joined by a bounded queue.
 //!
 //! fastwebsockets' `read_frame` is not cancel-safe (a dropped read loses partly parsed bytes), so
-//! reading is never a `select!` branch: the reader and the writer are two futures driven side by
-//! side in the connection's task, and the reader is only dropped once the connection is over.
+//! reading is never a `select!` branch: the reader runs in the connection's task and is only
+//! dropped once the connection is over; the writer runs in a task of its own, so the deliveries
+//! that wake it do not poll the reader too.
 //! The writer owns the socket's write half: deliveries, replies and pongs from the queue, the
 //! server's ping timer, the dead-peer and stall deadlines and the final close frame; its writes
 //! are raced against those deadlines, which the reader's never are. fastwebsockets parses
@@ -24,6 +25,7 @@ mod writer;
 pub use self::echo::Echo;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +34,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
@@ -109,11 +112,13 @@ pub trait Handler {
 /// writer sends what `outbox` queues. Ends with [`Handler::end`].
 pub async fn serve<H: Handler>(
     ws: WebSocket<Io>,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
     handler: H,
     limits: &Limits,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) {
+    // The session's events carry the connection's id; the writer's task is not in the span
+    // (it is polled on every delivery) and names the connection in its one event itself.
     let span = tracing::info_span!("conn", conn_id = %outbox.conn_id());
     serve_inner(ws, outbox, handler, limits, metrics)
         .instrument(span)
@@ -122,10 +127,10 @@ pub async fn serve<H: Handler>(
 
 async fn serve_inner<H: Handler>(
     ws: WebSocket<Io>,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
     mut handler: H,
     limits: &Limits,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) {
     metrics.connections.inc();
     metrics.connections_total.inc();
@@ -139,14 +144,26 @@ async fn serve_inner<H: Handler>(
         tokio::io::sink(),
         Role::Server,
     );
-    let liveness = Liveness::new();
+    let liveness = Arc::new(Liveness::new());
     let peer_closed = CancellationToken::new();
+    // The writer is a task of its own: a delivery wakes just the writer, not the reader too (a
+    // task polls all it drives on every wake-up, and a poll of the reader costs a lock and a
+    // readiness check). Aborted with the connection's task if that is dropped.
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(writer::run(
+        write_half,
+        outbox.clone(),
+        liveness.clone(),
+        peer_closed.clone(),
+        limits.clone(),
+        metrics.clone(),
+    )));
     {
         let reader = reader::run(read, &mut handler, outbox, limits, &liveness, &peer_closed);
-        let writer = writer::run(write_half, outbox, &liveness, &peer_closed, limits, metrics);
-        tokio::pin!(reader, writer);
+        tokio::pin!(reader);
         tokio::select! {
-            _ = &mut reader => writer.await,
+            _ = &mut reader => {
+                let _ = (&mut writer).await;
+            }
             _ = &mut writer => {}
         }
     }

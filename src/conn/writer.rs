@@ -15,11 +15,13 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::{Limits, Liveness};
@@ -47,18 +49,19 @@ struct Batch {
 }
 
 /// Writes `outbox`'s frames to `sink` (the socket's write half) until the connection closes, then
-/// sends the close frame.
+/// sends the close frame. A task of its own: see the module doc of `conn`.
 pub async fn run<S: AsyncWrite + Unpin>(
     mut sink: S,
-    outbox: &Outbox,
-    liveness: &Liveness,
-    peer_closed: &CancellationToken,
-    limits: &Limits,
-    metrics: &Metrics,
+    outbox: Arc<Outbox>,
+    liveness: Arc<Liveness>,
+    peer_closed: CancellationToken,
+    limits: Limits,
+    metrics: Arc<Metrics>,
 ) {
+    let outbox = &*outbox;
     let grace = limits.pong_timeout;
     let mut batch = Batch::default();
-    let served = serve(&mut sink, outbox, liveness, limits, &mut batch).await;
+    let served = serve(&mut sink, outbox, &liveness, &limits, &mut batch).await;
     let reason = outbox.close_reason();
     if let Some(label) = reason.metric_label() {
         metrics.disconnects.with_label_values(&[label]).inc();
@@ -104,11 +107,83 @@ pub async fn run<S: AsyncWrite + Unpin>(
     }
 }
 
-/// What woke the writer.
-enum Event {
+/// The writer's deadlines, behind one timer.
+///
+/// A connection needs three: the next ping, the dead-peer deadline (last heard from + ping
+/// interval + pong timeout) and, while frames wait, the stall deadline (last progress + the same
+/// limit). One `Sleep` set to the earliest of the first two serves them all: the stall deadline
+/// starts at the moment frames are taken, so it is never earlier than the dead-peer deadline,
+/// and every deadline only moves later between firings. A timer that fires early is simply set
+/// again, so a delivery never touches the timer wheel.
+struct Deadlines {
+    ping_interval: Duration,
+    /// ping interval + pong timeout.
+    limit: Duration,
+    ping: Instant,
+    idle: Instant,
+}
+
+/// What a due deadline asks of the writer.
+enum Due {
     Ping,
-    Idle,
-    Stall,
+    Close(CloseReason),
+}
+
+impl Deadlines {
+    fn new(limits: &Limits, now: Instant) -> Self {
+        let limit = limits.ping_interval + limits.pong_timeout;
+        Deadlines {
+            ping_interval: limits.ping_interval,
+            limit,
+            ping: now + limits.ping_interval,
+            idle: now + limit,
+        }
+    }
+
+    /// Checks every deadline at `now`; returns what is due, and where the timer goes next.
+    fn check(
+        &mut self,
+        now: Instant,
+        liveness: &Liveness,
+        reply_waiting: bool,
+        stall_since: Option<Instant>,
+    ) -> (Option<Due>, Instant) {
+        let mut due = None;
+        if now >= self.idle {
+            let mut idle = liveness.last_seen() + self.limit;
+            if reply_waiting {
+                // The reader waits for room for a reply (a long replay to a slow reader), so it
+                // reads nothing, the client's pongs included: silence proves nothing yet.
+                // Frames wait meanwhile, so the stall deadline guards the socket; the client
+                // is judged again once the reader has caught up with what it sent.
+                idle = idle.max(now + self.limit);
+            }
+            if now >= idle {
+                due = Some(Due::Close(CloseReason::PongTimeout));
+            }
+            self.idle = idle;
+        }
+        if let Some(since) = stall_since {
+            if now >= since + self.limit {
+                due = Some(Due::Close(CloseReason::Stalled));
+            }
+        }
+        if due.is_none() && now >= self.ping {
+            due = Some(Due::Ping);
+            // A writer held up past several periods pings once, not once per missed period.
+            self.ping = (self.ping + self.ping_interval).max(now + self.ping_interval / 2);
+        }
+        let mut next = self.ping.min(self.idle);
+        if let Some(since) = stall_since {
+            next = next.min(since + self.limit);
+        }
+        (due, next)
+    }
+}
+
+/// What woke the writer while it waited.
+enum Event {
+    Timer,
     Wrote(io::Result<usize>),
     Ready,
 }
@@ -121,17 +196,50 @@ async fn serve<S: AsyncWrite + Unpin>(
     limits: &Limits,
     batch: &mut Batch,
 ) -> Result<(), Abort> {
-    let idle_limit = limits.ping_interval + limits.pong_timeout;
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
-    let mut idle = pin!(sleep(idle_limit));
-    // The stall deadline is `progress + idle_limit`; the timer is only moved when it fires
-    // early, so a write costs no timer update.
-    let mut stall = pin!(sleep(idle_limit));
-    let mut progress = Instant::now();
+    let mut deadlines = Deadlines::new(limits, Instant::now());
+    let mut timer = pin!(sleep_until(deadlines.ping.min(deadlines.idle)));
+    // Whether the timer holds this task's waker since it was last set.
+    let mut armed = false;
+    let mut fired = false;
+    // When the frames in the batch started waiting for the socket to accept a byte.
+    let mut waiting_since = Instant::now();
     loop {
         if outbox.is_closing() {
             return Ok(());
+        }
+        // A fired timer is handled before anything else. The wait below is reached on every
+        // turn that finds the queue empty, and at the latest when tokio's cooperative budget
+        // turns a write away, so a connection that always has frames to write still pings,
+        // notices a silent peer and notices a stalled socket.
+        if fired {
+            fired = false;
+            let stall_since = (!batch.frames.is_empty()).then_some(waiting_since);
+            let now = Instant::now();
+            let (due, next) = deadlines.check(now, liveness, outbox.reply_waiting(), stall_since);
+            timer.as_mut().reset(next);
+            armed = false;
+            match due {
+                Some(Due::Ping) => {
+                    if batch.frames.is_empty() {
+                        waiting_since = now;
+                    }
+                    outbox.hold(PING_FRAME.len());
+                    batch.frames.push_back(PING_FRAME);
+                }
+                Some(Due::Close(reason)) => {
+                    if reason == CloseReason::Stalled {
+                        tracing::info!(
+                            conn_id = outbox.conn_id(),
+                            queued_bytes = outbox.queued_bytes(),
+                            mid_frame = batch.mid_frame,
+                            "closing a connection whose socket accepted nothing for ping interval + pong timeout"
+                        );
+                    }
+                    outbox.close(reason);
+                    return Ok(());
+                }
+                None => {}
+            }
         }
         if batch.frames.is_empty() {
             if batch.frames.capacity() > KEEP_SLOTS {
@@ -140,67 +248,69 @@ async fn serve<S: AsyncWrite + Unpin>(
             outbox.take(&mut batch.frames);
             if !batch.frames.is_empty() {
                 // Frames wait from now: the socket gets the whole limit to take them.
-                progress = Instant::now();
+                waiting_since = Instant::now();
+                // The common case: the socket takes the frames at once, so they are written
+                // without first polling the timer and the close switch.
+                let written = poll_fn(|cx| Poll::Ready(poll_write_some(sink, &batch.frames, cx)));
+                if let Poll::Ready(written) = written.await {
+                    wrote(written, outbox, batch, &mut waiting_since)?;
+                    continue;
+                }
             }
         }
         let pending = !batch.frames.is_empty();
-        // Timers first: they are ready only when due, and a connection that always has frames
-        // queued must still ping, notice a silent peer and notice a stalled socket.
         let event = tokio::select! {
             biased;
-            _ = ping.tick() => Event::Ping,
-            _ = &mut idle => Event::Idle,
-            _ = &mut stall, if pending => Event::Stall,
+            _ = poll_fn(|cx| poll_timer(timer.as_mut(), &mut armed, cx)) => Event::Timer,
             written = write_some(sink, &batch.frames), if pending => Event::Wrote(written),
             _ = outbox.closing(), if pending => Event::Ready,
             _ = outbox.ready(), if !pending => Event::Ready,
         };
         match event {
-            Event::Ping => {
-                outbox.hold(PING_FRAME.len());
-                batch.frames.push_back(PING_FRAME);
-            }
-            Event::Idle => {
-                let mut deadline = liveness.last_seen() + idle_limit;
-                if outbox.reply_waiting() {
-                    // The reader waits for room for a reply (a long replay to a slow reader), so
-                    // it reads nothing, the client's pongs included: silence proves nothing yet.
-                    // Frames wait meanwhile, so the stall deadline guards the socket; the client
-                    // is judged again once the reader has caught up with what it sent.
-                    deadline = deadline.max(Instant::now() + idle_limit);
-                }
-                if Instant::now() >= deadline {
-                    outbox.close(CloseReason::PongTimeout);
-                    return Ok(());
-                }
-                idle.as_mut().reset(deadline);
-            }
-            Event::Stall => {
-                let deadline = progress + idle_limit;
-                if Instant::now() >= deadline {
-                    tracing::info!(
-                        queued_bytes = outbox.queued_bytes(),
-                        mid_frame = batch.mid_frame,
-                        "closing a connection whose socket accepted nothing for ping interval + pong timeout"
-                    );
-                    outbox.close(CloseReason::Stalled);
-                    return Ok(());
-                }
-                stall.as_mut().reset(deadline);
-            }
-            Event::Wrote(written) => {
-                let written = match written {
-                    Ok(0) | Err(_) => {
-                        outbox.close(CloseReason::Gone);
-                        return Err(Abort);
-                    }
-                    Ok(n) => n,
-                };
-                batch.mid_frame = consume(&mut batch.frames, written);
-                outbox.sent(written);
-                progress = Instant::now();
-            }
+            // Handled at the top of the loop.
+            Event::Timer => fired = true,
             Event::Ready => {}
+            Event::Wrote(written) => wrote(written, outbox, batch, &mut waiting_since)?,
+        }
+    }
+}
+
+/// Resolves when the timer has fired. The timer is polled (which registers the task's waker,
+/// an atomic swap) once after each reset, not on every wake-up: the registered waker stays valid,
+/// as a task's waker does not change. That poll is exempt from tokio's cooperative budget, which
+/// would otherwise return early without registering the waker.
+fn poll_timer(timer: Pin<&mut Sleep>, armed: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
+    if timer.is_elapsed() {
+        return Poll::Ready(());
+    }
+    if !*armed {
+        *armed = true;
+        return pin!(tokio::task::unconstrained(timer)).poll(cx);
+    }
+    Poll::Pending
+}
+
+/// Accounts for one write: bytes accepted leave the batch and the budget; a failed socket
+/// closes the connection.
+fn wrote(
+    written: io::Result<usize>,
+    outbox: &Outbox,
+    batch: &mut Batch,
+    waiting_since: &mut Instant,
+) -> Result<(), Abort> {
+    match written {
+        Ok(0) | Err(_) => {
+            outbox.close(CloseReason::Gone);
+            Err(Abort)
+        }
+        Ok(n) => {
+            batch.mid_frame = consume(&mut batch.frames, n);
+            outbox.sent(n);
+            if !batch.frames.is_empty() {
+                // The socket made progress: what is left waits from now.
+                *waiting_since = Instant::now();
+            }
+            Ok(())
         }
     }
 }
@@ -211,20 +321,26 @@ fn write_some<'a, S: AsyncWrite + Unpin>(
     sink: &'a mut S,
     frames: &'a VecDeque<Bytes>,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
-    // The iovec array lives only inside one poll, not in the connection's future; a lone frame
-    // (the common case for a subscriber that keeps up) needs none.
-    poll_fn(move |cx| {
-        if frames.len() == 1 {
-            return Pin::new(&mut *sink).poll_write(cx, &frames[0]);
-        }
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let mut count = 0;
-        for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
-            *slot = IoSlice::new(frame);
-            count += 1;
-        }
-        Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
-    })
+    poll_fn(move |cx| poll_write_some(sink, frames, cx))
+}
+
+/// Polls one write of the queued frames. The iovec array lives only inside one poll, not in the
+/// connection's future; a lone frame (the common case for a subscriber that keeps up) needs none.
+fn poll_write_some<S: AsyncWrite + Unpin>(
+    sink: &mut S,
+    frames: &VecDeque<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if frames.len() == 1 {
+        return Pin::new(&mut *sink).poll_write(cx, &frames[0]);
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let mut count = 0;
+    for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
+        *slot = IoSlice::new(frame);
+        count += 1;
+    }
+    Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
 }
 
 /// Writes every frame of `frames` (closing time: no timers to race but the caller's bound).
@@ -265,6 +381,7 @@ mod tests {
     use std::sync::Arc;
 
     use tokio::io::{duplex, AsyncReadExt, DuplexStream};
+    use tokio::time::sleep;
 
     use super::*;
     use crate::wire::protocol::encode_delivery;
@@ -325,20 +442,35 @@ mod tests {
     /// (Each message is queued to both as the hub's fan-out does: one frame, `try_push`.)
     #[tokio::test(start_paused = true)]
     async fn a_stalled_socket_is_dropped_while_the_others_keep_receiving() {
-        let metrics = Metrics::new().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
         // The first frame fills a's socket part way; its client never reads.
         let (stuck, _stuck_peer) = duplex(16);
         let (open, open_peer) = duplex(1 << 16);
         let (a, b) = (outbox(1), outbox(2));
-        let (alive_a, alive_b) = (Liveness::new(), Liveness::new());
+        let (alive_a, alive_b) = (Arc::new(Liveness::new()), Arc::new(Liveness::new()));
         let never = CancellationToken::new();
         let limits = limits();
         let start = Instant::now();
         let writer_a = async {
-            run(stuck, &a, &alive_a, &never, &limits, &metrics).await;
+            run(
+                stuck,
+                a.clone(),
+                alive_a.clone(),
+                never.clone(),
+                limits.clone(),
+                metrics.clone(),
+            )
+            .await;
             start.elapsed()
         };
-        let writer_b = run(open, &b, &alive_b, &never, &limits, &metrics);
+        let writer_b = run(
+            open,
+            b.clone(),
+            alive_b.clone(),
+            never.clone(),
+            limits.clone(),
+            metrics.clone(),
+        );
         let publisher = async {
             for n in 0..45 {
                 // Both clients send something (pongs) every second.
@@ -383,10 +515,10 @@ mod tests {
     /// timeout after its last frame is closed 1008, while one that keeps sending stays.
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_is_closed_after_ping_interval_plus_pong_timeout() {
-        let metrics = Metrics::new().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
         let (sink, peer) = duplex(1 << 16);
         let a = outbox(1);
-        let alive = Liveness::new();
+        let alive = Arc::new(Liveness::new());
         let never = CancellationToken::new();
         let limits = limits();
         let start = Instant::now();
@@ -399,7 +531,14 @@ mod tests {
             sleep(Duration::from_secs(20)).await;
             alive.touch();
         };
-        let writer = run(sink, &a, &alive, &never, &limits, &metrics);
+        let writer = run(
+            sink,
+            a.clone(),
+            alive.clone(),
+            never.clone(),
+            limits.clone(),
+            metrics.clone(),
+        );
         let (closed_at, (), (), got) = tokio::join!(closed_at, client_sends, writer, client(peer));
         assert_eq!(closed_at, Duration::from_secs(20 + 35));
         assert_eq!(a.close_reason(), CloseReason::PongTimeout);
@@ -411,6 +550,83 @@ mod tests {
             [(9, vec![]), (9, vec![]), (8, close)],
             "pings at 25 and 50 s, then the close"
         );
+    }
+
+    fn short_limits() -> Limits {
+        Limits {
+            ping_interval: Duration::from_secs(10),
+            pong_timeout: Duration::from_secs(5),
+            max_message_size: 1024,
+            rate_limit: 0,
+            rate_burst: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_serves_the_ping_the_dead_peer_and_the_stall_deadlines() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new();
+        let mut d = Deadlines::new(&short_limits(), t0);
+        let s = Duration::from_secs;
+
+        // Nothing due before the first ping; the timer goes to it.
+        let (due, next) = d.check(t0 + s(3), &liveness, false, None);
+        assert!(due.is_none());
+        assert_eq!(next, t0 + s(10));
+        // The ping is due, and the next one a period later.
+        let (due, next) = d.check(t0 + s(10), &liveness, false, None);
+        assert!(matches!(due, Some(Due::Ping)));
+        assert_eq!(
+            next,
+            t0 + s(15),
+            "the dead-peer deadline comes before the next ping"
+        );
+
+        // The client spoke at 12 s: at 15 s its deadline moves to 12 + 15 = 27 s.
+        tokio::time::advance(s(12)).await;
+        liveness.touch();
+        let (due, next) = d.check(t0 + s(15), &liveness, false, None);
+        assert!(due.is_none());
+        assert_eq!(next, t0 + s(20));
+
+        // Frames waiting since 16 s make the stall deadline (31 s) part of the schedule.
+        let (due, next) = d.check(t0 + s(20), &liveness, false, Some(t0 + s(16)));
+        assert!(matches!(due, Some(Due::Ping)));
+        assert_eq!(next, t0 + s(27));
+        // Silent since 12 s: at 27 s the client is gone.
+        let (due, _) = d.check(t0 + s(27), &liveness, false, Some(t0 + s(16)));
+        assert!(matches!(due, Some(Due::Close(CloseReason::PongTimeout))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_takes_nothing_is_stalled_and_a_waiting_reply_defers_the_peer() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new();
+        let mut d = Deadlines::new(&short_limits(), t0);
+        let s = Duration::from_secs;
+        // A reply waits for room: at 15 s the silent client is not judged; the deadline moves
+        // a whole limit on.
+        let (due, next) = d.check(t0 + s(15), &liveness, true, None);
+        assert!(
+            matches!(due, Some(Due::Ping)),
+            "the overdue ping still goes out"
+        );
+        assert_eq!(next, t0 + s(20));
+        // Frames waiting since 1 s and nothing accepted: stalled at 16 s.
+        let (due, _) = d.check(t0 + s(16), &liveness, true, Some(t0 + s(1)));
+        assert!(matches!(due, Some(Due::Close(CloseReason::Stalled))));
+    }
+
+    #[test]
+    fn a_writer_held_up_for_several_periods_pings_once() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new();
+        let mut d = Deadlines::new(&short_limits(), t0);
+        liveness.touch();
+        d.idle = t0 + Duration::from_secs(1000);
+        let (due, next) = d.check(t0 + Duration::from_secs(95), &liveness, false, None);
+        assert!(matches!(due, Some(Due::Ping)));
+        assert_eq!(next, t0 + Duration::from_secs(100));
     }
 
     #[test]
