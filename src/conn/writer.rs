@@ -247,15 +247,15 @@ async fn serve<S: AsyncWrite + Unpin>(
             }
             outbox.take(&mut batch.frames);
             if !batch.frames.is_empty() {
-                // Frames wait from now: the socket gets the whole limit to take them.
-                waiting_since = Instant::now();
                 // The common case: the socket takes the frames at once, so they are written
-                // without first polling the timer and the close switch.
+                // without first polling the timer and the close switch (or reading the clock).
                 let written = poll_fn(|cx| Poll::Ready(poll_write_some(sink, &batch.frames, cx)));
                 if let Poll::Ready(written) = written.await {
                     wrote(written, outbox, batch, &mut waiting_since)?;
                     continue;
                 }
+                // Frames wait from now: the socket gets the whole limit to take them.
+                waiting_since = Instant::now();
             }
         }
         let pending = !batch.frames.is_empty();
