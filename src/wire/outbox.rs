@@ -328,11 +328,21 @@ impl Outbox {
         self.ready.notified().await
     }
 
-    /// Moves every queued frame into `into` (which must be empty), keeping both allocations;
-    /// a pending pong goes first. Their bytes stay counted until [`Outbox::sent`].
+    /// Moves every queued frame into `into` (which must be empty); a pending pong goes first.
+    /// Their bytes stay counted until [`Outbox::sent`].
+    ///
+    /// The two deques trade allocations, so a connection that keeps receiving allocates none;
+    /// with nothing queued, only the queue keeps one (an idle connection holds a single one).
     pub fn take(&self, into: &mut VecDeque<Bytes>) {
         debug_assert!(into.is_empty());
         let mut queue = self.lock();
+        if queue.frames.is_empty() && queue.pongs.is_empty() {
+            if queue.frames.capacity() == 0 {
+                std::mem::swap(&mut queue.frames, into);
+            }
+            *into = VecDeque::new();
+            return;
+        }
         std::mem::swap(&mut queue.frames, into);
         // Pongs first, in the order of their pings; the set's allocation is freed, since pings
         // are rare and an idle connection should hold nothing.
@@ -424,6 +434,41 @@ mod tests {
         let mut taken = VecDeque::new();
         o.take(&mut taken);
         assert_eq!(taken, [&b"1"[..], b"2"]);
+    }
+
+    #[test]
+    fn the_queue_and_the_writer_trade_one_allocation_and_an_idle_pair_keeps_one() {
+        let o = outbox(16);
+        let capacity = |o: &Outbox| o.lock().frames.capacity();
+        let mut batch = VecDeque::new();
+        o.try_push(Bytes::from_static(b"1"));
+        let first = capacity(&o);
+        assert!(first > 0);
+        o.take(&mut batch);
+        assert_eq!(
+            (batch.len(), capacity(&o)),
+            (1, 0),
+            "the allocation moved along"
+        );
+        batch.clear();
+        // Nothing queued: the queue gets the allocation back, the writer keeps none.
+        o.take(&mut batch);
+        assert_eq!((batch.capacity(), capacity(&o)), (0, first));
+        // A push while the writer holds frames allocates once; then the two trade.
+        o.try_push(Bytes::from_static(b"2"));
+        o.take(&mut batch);
+        o.try_push(Bytes::from_static(b"3"));
+        batch.clear();
+        o.take(&mut batch);
+        assert_eq!(batch, [&b"3"[..]]);
+        assert!(capacity(&o) > 0 && batch.capacity() > 0);
+        batch.clear();
+        o.take(&mut batch);
+        assert_eq!(
+            (batch.capacity(), capacity(&o) > 0),
+            (0, true),
+            "idle: one left"
+        );
     }
 
     #[tokio::test(start_paused = true)]
