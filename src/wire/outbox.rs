@@ -21,6 +21,7 @@
 //! queue allocates nothing.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -221,34 +222,40 @@ impl Outbox {
     /// Queues a reply, waiting for room; returns false if the connection is closing. A reply
     /// larger than the whole byte budget is let in once nothing else is queued or in flight, so
     /// it cannot wait forever.
-    pub async fn push(&self, frame: Bytes) -> bool {
-        /// Clears the waiting flag however the push ends (returned or dropped).
-        struct Waiting<'a>(&'a AtomicBool);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Relaxed);
-            }
-        }
-        let _waiting = Waiting(&self.waiting);
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before the checks, so room made (or a close) after them is not missed.
-            room.as_mut().enable();
-            if self.is_closing() {
-                return false;
-            }
-            {
-                let queue = self.lock();
-                let bytes = self.bytes.load(Ordering::Acquire);
-                let fits = bytes == 0 || bytes + frame.len() <= self.budget.bytes;
-                if queue.frames.len() < self.budget.frames && fits {
-                    self.enqueue(queue, frame);
-                    return true;
+    ///
+    /// An `async` block rather than an `async fn`, which would hold `frame` twice: this future
+    /// sits in the reader's state, so in every connection's task.
+    #[allow(clippy::manual_async_fn)]
+    pub fn push(&self, frame: Bytes) -> impl Future<Output = bool> + '_ {
+        async move {
+            /// Clears the waiting flag however the push ends (returned or dropped).
+            struct Waiting<'a>(&'a AtomicBool);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Relaxed);
                 }
             }
-            self.waiting.store(true, Ordering::Relaxed);
-            room.await;
+            let _waiting = Waiting(&self.waiting);
+            loop {
+                let room = self.room.notified();
+                tokio::pin!(room);
+                // Registered before the checks, so room made (or a close) after them is not missed.
+                room.as_mut().enable();
+                if self.is_closing() {
+                    return false;
+                }
+                {
+                    let queue = self.lock();
+                    let bytes = self.bytes.load(Ordering::Acquire);
+                    let fits = bytes == 0 || bytes + frame.len() <= self.budget.bytes;
+                    if queue.frames.len() < self.budget.frames && fits {
+                        self.enqueue(queue, frame);
+                        return true;
+                    }
+                }
+                self.waiting.store(true, Ordering::Relaxed);
+                room.await;
+            }
         }
     }
 
