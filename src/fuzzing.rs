@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::Role;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::runtime::Runtime;
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Identity, Permissions};
 use crate::config::Config;
-use crate::conn::{reader, Handler, Liveness};
+use crate::conn::{reader, Handler, Liveness, Source};
 use crate::node::Node;
 use crate::session::Session;
 use crate::wire::protocol::{self, Command, ErrorCode, Reply};
@@ -245,14 +244,13 @@ async fn connection(node: &Arc<Node>, bytes: &[u8]) {
     let outbox = node.register(&identity);
     let mut session = Session::new(node.clone(), outbox.clone(), identity);
     let limits = crate::http::conn_limits(node.limits());
-    let (read, _) =
-        fastwebsockets::after_handshake_split(Trickle::new(bytes), tokio::io::sink(), Role::Server);
+    let read = Source::new(Trickle::new(bytes), Bytes::new());
     let liveness = Liveness::new();
     let peer_closed = CancellationToken::new();
     let mut frames = Vec::new();
     let run = async {
         let reader = reader::run(
-            read,
+            &read,
             &mut session,
             &outbox,
             &limits,

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Identity;
 use crate::conn::{self, Io};
 use crate::console;
-use crate::node::{self, Node};
+use crate::node::{self, ConnectionSlot, Node};
 use crate::session::Session;
 
 pub type Body = Full<Bytes>;
@@ -207,14 +207,10 @@ fn upgrade(
         Ok((response, upgraded)) => {
             let tracker = sessions.clone();
             sessions.spawn(async move {
-                // The session is a task of its own: the upgrade's state, larger than the
-                // session's, is freed instead of staying in every connection's task cell. The
-                // slot (the connection's place under the cap) moves along with it.
+                // The connection is a task of its own: the upgrade's state, larger than the
+                // connection's, is freed instead of staying in every connection's task cell.
                 match upgraded.await {
-                    Ok(ws) => drop(tracker.spawn(async move {
-                        let _slot = slot;
-                        join(ws, node, identity, endpoint).await
-                    })),
+                    Ok(ws) => join(ws, node, identity, endpoint, slot, &tracker),
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });
@@ -235,24 +231,39 @@ fn upgrade(
     }
 }
 
-/// Joins an upgraded WebSocket to what serves it: the connection's whole life.
-async fn join(
+/// Joins an upgraded WebSocket to what serves it and spawns the connection's task on
+/// `sessions`. The slot (the connection's place under the cap) is released when the task ends.
+fn join(
     ws: fastwebsockets::WebSocket<Io>,
     node: Arc<Node>,
     identity: Identity,
     endpoint: Endpoint,
+    slot: ConnectionSlot,
+    sessions: &TaskTracker,
 ) {
+    let transport = conn::Transport::new(ws);
     let outbox = node.register(&identity);
     let limits = conn_limits(node.limits());
+    let metrics = node.metrics().clone();
+    let on_closed = {
+        let (node, outbox) = (node.clone(), outbox.clone());
+        move || {
+            node.unregister(&outbox);
+            drop(slot);
+        }
+    };
     match endpoint {
         Endpoint::Session => {
-            let session = Session::new(node.clone(), outbox.clone(), identity);
-            conn::serve(ws, &outbox, session, &limits, node.metrics()).await
+            let session = Session::new(node, outbox.clone(), identity);
+            let conn = conn::serve(transport, outbox, session, limits, metrics, on_closed);
+            drop(sessions.spawn(conn));
         }
         #[cfg(feature = "autobahn")]
-        Endpoint::Echo => conn::serve(ws, &outbox, conn::Echo, &limits, node.metrics()).await,
+        Endpoint::Echo => {
+            let conn = conn::serve(transport, outbox, conn::Echo, limits, metrics, on_closed);
+            drop(sessions.spawn(conn));
+        }
     }
-    node.unregister(&outbox);
 }
 
 /// The part of the node's limits the connection code enforces.
@@ -306,4 +317,52 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(unreachable_code, clippy::diverging_sub_expression)]
+
+    use std::future::Future;
+
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<T: Future>(_f: impl FnOnce() -> T) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// Each idle connection holds its connection task's future (reader and session), so its
+    /// size is a large part of the memory per connection (docs/benchmarks.md, "Idle memory:
+    /// where every byte goes"). Printed with `cargo test --release --lib task_future --
+    /// --nocapture`; bounded in release builds (the layout of debug builds differs), so that
+    /// growth is noticed.
+    #[test]
+    fn the_connection_task_future_stays_small() {
+        let task = future_size(|| {
+            conn::serve::<Session, fn()>(todo!(), todo!(), todo!(), todo!(), todo!(), todo!())
+        });
+        let reader = future_size(|| {
+            conn::reader::run::<tokio::net::tcp::OwnedReadHalf, Session>(
+                todo!(),
+                todo!(),
+                todo!(),
+                todo!(),
+                todo!(),
+                todo!(),
+            )
+        });
+        println!(
+            "connection task future: {task} bytes (reader {reader}, Session {}, Outbox {})",
+            std::mem::size_of::<Session>(),
+            std::mem::size_of::<crate::wire::Outbox>(),
+        );
+        // Up to about 1,150 bytes the task's cell (padded to 128 bytes) stays at 1,280.
+        if cfg!(not(debug_assertions)) {
+            assert!(
+                task <= 1150,
+                "the connection task future grew to {task} bytes"
+            );
+        }
+    }
 }

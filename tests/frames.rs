@@ -527,3 +527,50 @@ async fn fragmented_binary_messages_are_unsupported_and_the_connection_stays_ope
         json!({"type":"pong","id":1})
     );
 }
+
+// ---- Bytes read behind the upgrade request -------------------------------------------------
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_all_served_in_order() {
+    let node = start_node(test_config()).await;
+    // In the upgrade request's write, so the server's HTTP parser reads (part of) them with the
+    // request: a ping, a request, a fragmented request, and a request larger than hyper's read
+    // buffer (its first bytes read with the request, the rest from the socket).
+    let big = ping_of_len(20_000);
+    let big_id = serde_json::from_str::<Value>(&big).unwrap()["id"].clone();
+    let behind = [
+        masked(true, OP_PING, b"early"),
+        masked(true, OP_TEXT, br#"{"type":"ping","id":1}"#),
+        masked(false, OP_TEXT, br#"{"type":"ping","#),
+        masked(true, OP_CONT, br#""id":2}"#),
+        masked(true, OP_TEXT, big.as_bytes()),
+    ]
+    .concat();
+    let mut raw = RawClient::upgrade_sending(node.addr, &behind).await;
+    // The pong may overtake the welcome (pongs go first); the messages come in order.
+    let mut pong = None;
+    let mut texts = Vec::new();
+    while pong.is_none() || texts.len() < 4 {
+        let f = raw.next_frame().await;
+        match f.opcode {
+            OP_PONG => pong = Some(f.payload),
+            OP_TEXT => texts.push(serde_json::from_slice::<Value>(&f.payload).unwrap()),
+            OP_PING => continue,
+            _ => panic!("unexpected {f:?}"),
+        }
+    }
+    assert_eq!(pong.unwrap(), b"early");
+    assert_eq!(texts[0]["type"], "welcome");
+    assert_eq!(
+        texts[1..],
+        [
+            json!({"type":"pong","id":1}),
+            json!({"type":"pong","id":2}),
+            json!({"type":"pong","id":big_id}),
+        ]
+    );
+    assert_eq!(
+        raw.request(&json!({"type":"ping","id":"after"})).await,
+        json!({"type":"pong","id":"after"})
+    );
+}

@@ -17,7 +17,7 @@ use tokio_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertSt
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::Connector;
 
-use common::{rand_u32, start_node, test_config, Client, WAIT};
+use common::{rand_u32, raw, start_node, test_config, Client, WAIT};
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written to temporary PEM files.
 struct SelfSigned {
@@ -126,6 +126,56 @@ async fn wss_and_https_are_served_with_the_configured_certificate() {
     assert!(https_get(&cert, node.addr, "/nope")
         .await
         .starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_over_tls_are_served() {
+    let cert = SelfSigned::new();
+    let node = start_node(cert.config()).await;
+    let tcp = TcpStream::connect(node.addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio::time::timeout(WAIT, TlsConnector::from(cert.client()).connect(name, tcp))
+        .await
+        .expect("handshake within the wait")
+        .expect("handshake succeeds");
+    // Requests in the upgrade request's write: the server reads them with the request.
+    let mut request = raw::upgrade_request(node.addr).into_bytes();
+    request.extend(raw::masked(
+        true,
+        raw::OP_TEXT,
+        br#"{"type":"ping","id":"early"}"#,
+    ));
+    let padded = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(20_000));
+    request.extend(raw::masked(true, raw::OP_TEXT, padded.as_bytes()));
+    tls.write_all(&request).await.unwrap();
+    // Server frames are unmasked: the replies appear in the stream as they are.
+    let mut seen = Vec::new();
+    let want_last = format!(r#"{{"type":"pong","id":"{}"}}"#, "x".repeat(20_000));
+    let read_all = async {
+        while !contains(&seen, want_last.as_bytes()) {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "the server closed: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read_all)
+        .await
+        .expect("both replies within the wait");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let early = text
+        .find(r#"{"type":"pong","id":"early"}"#)
+        .expect("the first reply");
+    assert!(early < text.find(&want_last).unwrap(), "in order");
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[tokio::test]

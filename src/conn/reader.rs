@@ -5,13 +5,12 @@
 //! size of a whole fragmented message, UTF-8 across fragments, control-frame sizes, close-frame
 //! validation and the mapping of errors to close codes to the caller.
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
-use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError, WebSocketRead};
+use fastwebsockets::{CloseCode, Frame, OpCode, WebSocketError};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
+use super::lazy_read::{LazyRead, Source};
 use super::rate::{MessageRate, Verdict};
 use super::{Handler, Limits, Liveness, Message};
 use crate::wire::{CloseReason, Outbox};
@@ -55,7 +54,7 @@ impl Partial {
 }
 
 pub async fn run<R: AsyncRead + Unpin, H: Handler>(
-    mut ws: WebSocketRead<R>,
+    source: &Source<R>,
     handler: &mut H,
     outbox: &Outbox,
     limits: &Limits,
@@ -63,15 +62,11 @@ pub async fn run<R: AsyncRead + Unpin, H: Handler>(
     peer_closed: &CancellationToken,
 ) {
     let max = limits.max_message_size;
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    // fastwebsockets rejects a frame whose length is >= its limit; ours is inclusive.
-    ws.set_max_message_size(max.saturating_add(1));
+    let mut ws = LazyRead::new(source, max);
     let mut partial: Option<Partial> = None;
     let mut rate = MessageRate::new(limits.rate_limit, limits.rate_burst);
-    let mut no_obligations = |_| async { Ok::<(), Infallible>(()) };
     loop {
-        let mut frame = match ws.read_frame(&mut no_obligations).await {
+        let mut frame = match ws.read_frame().await {
             Ok(frame) => frame,
             Err(e) => {
                 outbox.close(close_for_error(&e));

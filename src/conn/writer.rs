@@ -50,60 +50,66 @@ struct Batch {
 
 /// Writes `outbox`'s frames to `sink` (the socket's write half) until the connection closes, then
 /// sends the close frame. A task of its own: see the module doc of `conn`.
-pub async fn run<S: AsyncWrite + Unpin>(
+///
+/// An `async` block rather than an `async fn`, which would hold each argument twice in every
+/// connection's writer task.
+#[allow(clippy::manual_async_fn)]
+pub fn run<S: AsyncWrite + Unpin>(
     mut sink: S,
     outbox: Arc<Outbox>,
     liveness: Arc<Liveness>,
     peer_closed: CancellationToken,
     limits: Limits,
     metrics: Arc<Metrics>,
-) {
-    let outbox = &*outbox;
-    let grace = limits.pong_timeout;
-    let mut batch = Batch::default();
-    let served = serve(&mut sink, outbox, &liveness, &limits, &mut batch).await;
-    let reason = outbox.close_reason();
-    if let Some(label) = reason.metric_label() {
-        metrics.disconnects.with_label_values(&[label]).inc();
-    }
-    // A stalled socket has accepted nothing for ping interval + pong timeout: a close frame
-    // would wait the same way, so the connection is dropped at once.
-    if served.is_err() || matches!(reason, CloseReason::Gone | CloseReason::Stalled) {
-        outbox.discard();
-        return;
-    }
-    let close = match &reason {
-        CloseReason::Echo(payload) => frame::close(payload),
-        other => {
-            let (code, text) = other.frame().unwrap_or((1000, ""));
-            frame::close_with(code, text)
+) -> impl Future<Output = ()> {
+    async move {
+        let outbox = &*outbox;
+        let grace = limits.pong_timeout;
+        let mut batch = Batch::default();
+        let served = serve(&mut sink, outbox, &liveness, &limits, &mut batch).await;
+        let reason = outbox.close_reason();
+        if let Some(label) = reason.metric_label() {
+            metrics.disconnects.with_label_values(&[label]).inc();
         }
-    };
-    // The batch already taken goes out first (a frame the socket accepted part of must be
-    // finished before the close frame, or the client would read the close as payload).
-    let mut last = std::mem::take(&mut batch.frames);
-    // When the client's own frames end the connection (its Close, a malformed frame), the
-    // replies to the messages it sent before are still queued: they go out ahead of the close
-    // frame (RFC 6455 5.5.1 lets an endpoint finish sending first), within the same bound.
-    if matches!(
-        reason,
-        CloseReason::Echo(_)
-            | CloseReason::Protocol
-            | CloseReason::InvalidUtf8
-            | CloseReason::TooBig
-    ) {
-        let mut queued = VecDeque::new();
-        outbox.take(&mut queued);
-        last.append(&mut queued);
-    }
-    drop(batch);
-    last.push_back(close);
-    outbox.discard();
-    outbox.hold(last.iter().map(Bytes::len).sum());
-    let sent = tokio::time::timeout(grace, write_all(&mut sink, outbox, &mut last)).await;
-    outbox.discard();
-    if matches!(sent, Ok(Ok(()))) {
-        let _ = tokio::time::timeout(CLOSE_WAIT.min(grace), peer_closed.cancelled()).await;
+        // A stalled socket has accepted nothing for ping interval + pong timeout: a close frame
+        // would wait the same way, so the connection is dropped at once.
+        if served.is_err() || matches!(reason, CloseReason::Gone | CloseReason::Stalled) {
+            outbox.discard();
+            return;
+        }
+        let close = match &reason {
+            CloseReason::Echo(payload) => frame::close(payload),
+            other => {
+                let (code, text) = other.frame().unwrap_or((1000, ""));
+                frame::close_with(code, text)
+            }
+        };
+        // The batch already taken goes out first (a frame the socket accepted part of must be
+        // finished before the close frame, or the client would read the close as payload).
+        let mut last = std::mem::take(&mut batch.frames);
+        // When the client's own frames end the connection (its Close, a malformed frame), the
+        // replies to the messages it sent before are still queued: they go out ahead of the close
+        // frame (RFC 6455 5.5.1 lets an endpoint finish sending first), within the same bound.
+        if matches!(
+            reason,
+            CloseReason::Echo(_)
+                | CloseReason::Protocol
+                | CloseReason::InvalidUtf8
+                | CloseReason::TooBig
+        ) {
+            let mut queued = VecDeque::new();
+            outbox.take(&mut queued);
+            last.append(&mut queued);
+        }
+        drop(batch);
+        last.push_back(close);
+        outbox.discard();
+        outbox.hold(last.iter().map(Bytes::len).sum());
+        let sent = tokio::time::timeout(grace, write_all(&mut sink, outbox, &mut last)).await;
+        outbox.discard();
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(CLOSE_WAIT.min(grace), peer_closed.cancelled()).await;
+        }
     }
 }
 

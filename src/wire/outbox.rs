@@ -21,6 +21,7 @@
 //! queue allocates nothing.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -221,34 +222,40 @@ impl Outbox {
     /// Queues a reply, waiting for room; returns false if the connection is closing. A reply
     /// larger than the whole byte budget is let in once nothing else is queued or in flight, so
     /// it cannot wait forever.
-    pub async fn push(&self, frame: Bytes) -> bool {
-        /// Clears the waiting flag however the push ends (returned or dropped).
-        struct Waiting<'a>(&'a AtomicBool);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Relaxed);
-            }
-        }
-        let _waiting = Waiting(&self.waiting);
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before the checks, so room made (or a close) after them is not missed.
-            room.as_mut().enable();
-            if self.is_closing() {
-                return false;
-            }
-            {
-                let queue = self.lock();
-                let bytes = self.bytes.load(Ordering::Acquire);
-                let fits = bytes == 0 || bytes + frame.len() <= self.budget.bytes;
-                if queue.frames.len() < self.budget.frames && fits {
-                    self.enqueue(queue, frame);
-                    return true;
+    ///
+    /// An `async` block rather than an `async fn`, which would hold `frame` twice: this future
+    /// sits in the reader's state, so in every connection's task.
+    #[allow(clippy::manual_async_fn)]
+    pub fn push(&self, frame: Bytes) -> impl Future<Output = bool> + '_ {
+        async move {
+            /// Clears the waiting flag however the push ends (returned or dropped).
+            struct Waiting<'a>(&'a AtomicBool);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Relaxed);
                 }
             }
-            self.waiting.store(true, Ordering::Relaxed);
-            room.await;
+            let _waiting = Waiting(&self.waiting);
+            loop {
+                let room = self.room.notified();
+                tokio::pin!(room);
+                // Registered before the checks, so room made (or a close) after them is not missed.
+                room.as_mut().enable();
+                if self.is_closing() {
+                    return false;
+                }
+                {
+                    let queue = self.lock();
+                    let bytes = self.bytes.load(Ordering::Acquire);
+                    let fits = bytes == 0 || bytes + frame.len() <= self.budget.bytes;
+                    if queue.frames.len() < self.budget.frames && fits {
+                        self.enqueue(queue, frame);
+                        return true;
+                    }
+                }
+                self.waiting.store(true, Ordering::Relaxed);
+                room.await;
+            }
         }
     }
 
@@ -328,11 +335,21 @@ impl Outbox {
         self.ready.notified().await
     }
 
-    /// Moves every queued frame into `into` (which must be empty), keeping both allocations;
-    /// a pending pong goes first. Their bytes stay counted until [`Outbox::sent`].
+    /// Moves every queued frame into `into` (which must be empty); a pending pong goes first.
+    /// Their bytes stay counted until [`Outbox::sent`].
+    ///
+    /// The two deques trade allocations, so a connection that keeps receiving allocates none;
+    /// with nothing queued, only the queue keeps one (an idle connection holds a single one).
     pub fn take(&self, into: &mut VecDeque<Bytes>) {
         debug_assert!(into.is_empty());
         let mut queue = self.lock();
+        if queue.frames.is_empty() && queue.pongs.is_empty() {
+            if queue.frames.capacity() == 0 {
+                std::mem::swap(&mut queue.frames, into);
+            }
+            *into = VecDeque::new();
+            return;
+        }
         std::mem::swap(&mut queue.frames, into);
         // Pongs first, in the order of their pings; the set's allocation is freed, since pings
         // are rare and an idle connection should hold nothing.
@@ -424,6 +441,41 @@ mod tests {
         let mut taken = VecDeque::new();
         o.take(&mut taken);
         assert_eq!(taken, [&b"1"[..], b"2"]);
+    }
+
+    #[test]
+    fn the_queue_and_the_writer_trade_one_allocation_and_an_idle_pair_keeps_one() {
+        let o = outbox(16);
+        let capacity = |o: &Outbox| o.lock().frames.capacity();
+        let mut batch = VecDeque::new();
+        o.try_push(Bytes::from_static(b"1"));
+        let first = capacity(&o);
+        assert!(first > 0);
+        o.take(&mut batch);
+        assert_eq!(
+            (batch.len(), capacity(&o)),
+            (1, 0),
+            "the allocation moved along"
+        );
+        batch.clear();
+        // Nothing queued: the queue gets the allocation back, the writer keeps none.
+        o.take(&mut batch);
+        assert_eq!((batch.capacity(), capacity(&o)), (0, first));
+        // A push while the writer holds frames allocates once; then the two trade.
+        o.try_push(Bytes::from_static(b"2"));
+        o.take(&mut batch);
+        o.try_push(Bytes::from_static(b"3"));
+        batch.clear();
+        o.take(&mut batch);
+        assert_eq!(batch, [&b"3"[..]]);
+        assert!(capacity(&o) > 0 && batch.capacity() > 0);
+        batch.clear();
+        o.take(&mut batch);
+        assert_eq!(
+            (batch.capacity(), capacity(&o) > 0),
+            (0, true),
+            "idle: one left"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -145,12 +145,23 @@ impl RawClient {
         Self::connect_with(socket, addr).await
     }
 
+    /// Connects and sends `behind` in the same write as the upgrade request, before any
+    /// answer (so the server reads them together); checks the 101 and returns without reading
+    /// further (a pong may come before the welcome).
+    pub async fn upgrade_sending(addr: SocketAddr, behind: &[u8]) -> RawClient {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect within the wait")
+            .expect("connect");
+        Self::upgrade(stream, addr, behind).await
+    }
+
     async fn connect_with(socket: TcpSocket, addr: SocketAddr) -> RawClient {
         let stream = tokio::time::timeout(WAIT, socket.connect(addr))
             .await
             .expect("connect within the wait")
             .expect("connect");
-        let mut client = Self::upgrade(stream, addr).await;
+        let mut client = Self::upgrade(stream, addr, &[]).await;
         let welcome = client.recv_json().await;
         assert_eq!(welcome["type"], "welcome", "first message is the welcome");
         client.welcome = welcome;
@@ -170,12 +181,12 @@ impl RawClient {
         raw.expect_close().await
     }
 
-    /// Sends the upgrade request and checks the 101 answer; keeps what follows it buffered.
-    async fn upgrade(mut stream: TcpStream, addr: SocketAddr) -> RawClient {
-        stream
-            .write_all(upgrade_request(addr).as_bytes())
-            .await
-            .unwrap();
+    /// Sends the upgrade request (and `behind` in the same write) and checks the 101 answer;
+    /// keeps what follows it buffered.
+    async fn upgrade(mut stream: TcpStream, addr: SocketAddr, behind: &[u8]) -> RawClient {
+        let mut request = upgrade_request(addr).into_bytes();
+        request.extend_from_slice(behind);
+        stream.write_all(&request).await.unwrap();
         let mut buf = Vec::new();
         let head_end = tokio::time::timeout(WAIT, async {
             loop {
