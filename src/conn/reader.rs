@@ -75,8 +75,8 @@ pub async fn run<R: AsyncRead + Unpin, H: Handler>(
         };
         liveness.touch();
         // Frames parsed from the read buffer cost no I/O, so a flood of small frames (pings)
-        // would never let the writer, which shares this task, run its deadlines: each frame
-        // takes one unit of the task's cooperative budget.
+        // would keep this task on its worker thread, ahead of the writers and timers queued
+        // there: each frame takes one unit of the task's cooperative budget.
         tokio::task::consume_budget().await;
         if !is_masked(&mut frame) {
             // RFC 6455 5.1: a server must close on an unmasked client frame.
