@@ -294,6 +294,9 @@ async fn refusals_come_in_the_contract_order() {
     let mut node = start_node(Config {
         allowed_origins: Some("https://app.example".into()),
         max_connections: 1,
+        // Upgrades are answered "draining" while the node keeps accepting, which is the drain
+        // delay: without one the listener stops at once and the last check races the shutdown.
+        drain_delay: Duration::from_secs(2),
         ..secret_config()
     })
     .await;
